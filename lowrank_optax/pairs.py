@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 __all__ = [
     "DEFAULT_KEYS",
@@ -35,6 +36,8 @@ __all__ = [
     "PairTree",
     "abstract_safe_init",
     "init_pairs",
+    "is_pair_node",
+    "keep_update_dtypes",
     "map_pairs",
     "require_params",
 ]
@@ -74,7 +77,7 @@ class PairKeys:
 DEFAULT_KEYS = PairKeys()
 
 
-def _is_pair_node(x: Any, keys: PairKeys) -> bool:
+def is_pair_node(x: Any, keys: PairKeys) -> bool:
     if isinstance(x, LoRAPair):
         return True
     if isinstance(x, Mapping) and not isinstance(x, jax.ShapeDtypeStruct):
@@ -135,7 +138,7 @@ class PairTree:
 
     def __init__(self, tree: Any, keys: PairKeys = DEFAULT_KEYS, what: str = "params"):
         self.keys = keys
-        is_leaf = lambda x: _is_pair_node(x, keys)  # noqa: E731
+        is_leaf = lambda x: is_pair_node(x, keys)  # noqa: E731
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
         self.paths = [jax.tree_util.keystr(path) for path, _ in flat]
         self.nodes = [node for _, node in flat]
@@ -181,7 +184,7 @@ class PairTree:
             if ref is None:
                 result.append(None)
                 continue
-            if not _is_pair_node(node, self.keys):
+            if not is_pair_node(node, self.keys):
                 raise ValueError(f"{what} at {path}: expected a LoRA pair, got {type(node)}")
             a, b, _ = (_single_array(x) for x in _members(node, self.keys))
             stats = _members(node, self.keys)[2]
@@ -343,3 +346,16 @@ def abstract_safe_init(init_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return init_fn(params)
 
     return wrapped
+
+
+def keep_update_dtypes(inner: Any) -> Any:
+    """Wraps an ``optax.GradientTransformation`` so its updates keep the incoming dtypes.
+
+    Optax's Adam promotes bf16 updates to float32 through its float32 bias corrections; this
+    casts them back, so bf16 models get bf16 updates from every optimizer of the library.
+    """
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, state = inner.update(updates, state, params, **extra_args)
+        return jax.tree.map(lambda n, o: n.astype(o.dtype), new_updates, updates), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)

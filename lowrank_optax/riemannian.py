@@ -30,6 +30,7 @@ from lowrank_optax.pairs import (
     PairKeys,
     PairTree,
     abstract_safe_init,
+    keep_update_dtypes,
     map_pairs,
     require_params,
 )
@@ -141,6 +142,8 @@ def scale_by_scaled_adam(
         m ← b1 m + (1 − b1) ĝ,   v ← b2 v + (1 − b2) ĝ²
         u = m̂ / (√v̂ + eps),      m̂ = m / (1 − b1ᵗ),  v̂ = v / (1 − b2ᵗ)
 
+    Updates keep the gradients' dtype (``optax.scale_by_adam`` alone promotes bf16 to float32).
+
     The paper finds preconditioning every gradient better than preconditioning Adam's output
     (its Theorem 4.1 analyses the latter); this is the former, its practical method.
 
@@ -152,9 +155,11 @@ def scale_by_scaled_adam(
       mu_dtype: dtype of the first moment (``optax.scale_by_adam``'s).
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
-        scale_by_riemannian_precond(delta, keys=keys),
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+    return keep_update_dtypes(
+        optax.chain(
+            scale_by_riemannian_precond(delta, keys=keys),
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        )
     )
 
 

@@ -1,0 +1,116 @@
+"""LoRA+: a larger learning rate for the output-side factor ``b`` (Hayou, Ghosh & Yu, 2024).
+
+LoRA+ trains ``B`` (paper notation; our ``b``) with ``λ`` times the learning rate of ``A``
+(recommended ``λ = 2⁴ = 16``). For every optimizer whose update is proportional to its learning
+rate (SGD, Adam/AdamW with decoupled decay, the library's pair optimizers), multiplying the
+``b`` updates by ``λ`` after the base optimizer is exactly training ``b`` with ``λ·lr``. Doing
+it as a post-scaling, rather than with two optimizer instances in ``optax.multi_transform``,
+keeps pair-aware base optimizers (which need both factors together) working.
+
+Leaves outside pairs: PEFT's ``create_loraplus_optimizer`` silently puts every trainable 1-D
+parameter (biases, norms) into the ``b`` group, giving them ``λ·lr``. Here such leaves are an
+error by default (``non_pair="error"``), or keep the base optimizer's update unchanged
+(``non_pair="keep"``); nothing is scaled by ``λ`` without being a ``b`` factor.
+
+Reference: S. Hayou, N. Ghosh and B. Yu, "LoRA+: Efficient Low Rank Adaptation of Large
+Models", ICML 2024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import optax
+
+from lowrank_optax.pairs import (
+    DEFAULT_KEYS,
+    LoRAPair,
+    PairKeys,
+    is_pair_node,
+    keep_update_dtypes,
+)
+
+__all__ = ["loraplus", "scale_b_factor"]
+
+
+def _scale_pair_b(node: Any, ratio: Any, keys: PairKeys) -> Any:
+    scale_b = lambda x: jax.tree.map(lambda v: v * ratio, x)  # noqa: E731
+    if isinstance(node, LoRAPair):
+        return node._replace(b=scale_b(node.b))
+    return type(node)({k: scale_b(v) if k == keys.b else v for k, v in node.items()})
+
+
+def scale_b_factor(
+    ratio: float | jax.Array,
+    *,
+    non_pair: Literal["error", "keep"] = "error",
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """Multiplies the updates of every pair's ``b`` factor by ``ratio``; ``a`` is unchanged.
+
+    Args:
+      ratio: the LoRA+ ratio ``λ = lr_b / lr_a``.
+      non_pair: what to do with leaves outside pairs: ``"error"`` (default) raises naming the
+        tree path; ``"keep"`` passes their updates through unscaled.
+      keys: mapping keys of the factors in the tree.
+    """
+
+    def init_fn(params: optax.Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def visit(path, node):
+            if is_pair_node(node, keys):
+                return _scale_pair_b(node, ratio, keys)
+            if non_pair == "error":
+                raise ValueError(
+                    f"loraplus: leaf at {jax.tree_util.keystr(path)} (shape "
+                    f"{getattr(node, 'shape', ())}) is not in a LoRA pair. Pass "
+                    "non_pair='keep' to train it at the base learning rate, or route it with "
+                    "optax.partition / optax.multi_transform."
+                )
+            return node
+
+        is_leaf = lambda x: is_pair_node(x, keys)  # noqa: E731
+        return jax.tree_util.tree_map_with_path(visit, updates, is_leaf=is_leaf), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def loraplus(
+    base: optax.GradientTransformation | Callable[..., optax.GradientTransformation],
+    ratio: float = 16.0,
+    *,
+    non_pair: Literal["error", "keep"] = "error",
+    keys: PairKeys = DEFAULT_KEYS,
+    **base_kwargs: Any,
+) -> optax.GradientTransformation:
+    """LoRA+ over any optimizer: the ``b`` factor trains with ``ratio ×`` the learning rate.
+
+    Either pass a ready transformation, ``loraplus(optax.adamw(1e-4), 16)``, or a factory and
+    its arguments, ``loraplus(optax.adamw, 16, learning_rate=1e-4, weight_decay=0.0)``; the
+    latter form works under ``optax.inject_hyperparams``.
+
+    Args:
+      base: an ``optax.GradientTransformation`` whose update is proportional to its learning
+        rate (any optax optimizer, or a pair optimizer of this library), or a factory.
+      ratio: ``λ = lr_b / lr_a``; default 16 (= 2⁴, the paper's recommendation).
+      non_pair: ``"error"`` (default) or ``"keep"``: see :func:`scale_b_factor`.
+      keys: mapping keys of the factors in the tree.
+      **base_kwargs: arguments of ``base`` when it is a factory.
+
+    Updates keep the dtype of the incoming gradients (bf16 stays bf16).
+    """
+    if not isinstance(base, optax.GradientTransformation):
+        base = base(**base_kwargs)
+    elif base_kwargs:
+        raise TypeError(f"loraplus got keyword arguments {sorted(base_kwargs)} for a ready "
+                        "transformation; pass a factory to configure it")
+    return keep_update_dtypes(
+        optax.chain(base, scale_b_factor(ratio, non_pair=non_pair, keys=keys))
+    )

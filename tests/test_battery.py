@@ -1,0 +1,204 @@
+"""The battery every registered method runs through (registry: ``methods.py``)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from methods import METHODS, Method
+from problems import factorization_loss, factorization_target, lora_params, train
+
+every_method = pytest.mark.parametrize("method", METHODS, ids=str)
+
+TARGET = factorization_target()
+LOSS = factorization_loss(TARGET)
+
+
+def _grads(params):
+    return jax.grad(LOSS)(params)
+
+
+def _run_steps(tx, params, steps):
+    state = tx.init(params)
+    for _ in range(steps):
+        updates, state = tx.update(_grads(params), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@every_method
+def test_converges_in_scan(method: Method):
+    params, history = jax.jit(lambda p: train(method.make(), p, LOSS, method.steps))(lora_params())
+    assert np.all(np.isfinite(history))
+    assert float(LOSS(params)) < 1e-2 * float(history[0]), (float(history[0]), float(LOSS(params)))
+
+
+@every_method
+def test_zero_init_b_stays_finite_for_200_steps(method: Method):
+    params = lora_params(zero_b=True)
+    final, history = jax.jit(lambda p: train(method.make(), p, LOSS, 200))(params)
+    assert np.all(np.isfinite(history))
+    chex.assert_tree_all_finite(final)
+
+
+@every_method
+def test_accepts_unknown_extra_args(method: Method):
+    tx = method.make()
+    params = lora_params(zero_b=False)
+    state = tx.init(params)
+    plain, _ = tx.update(_grads(params), state, params)
+    extra, _ = tx.update(_grads(params), state, params, unknown_argument=3.0)
+    chex.assert_trees_all_close(plain, extra)
+
+
+@every_method
+def test_no_recompile_on_second_call(method: Method):
+    tx = method.make()
+    params = lora_params(zero_b=False)
+
+    @jax.jit
+    def step(p, s):
+        updates, s = tx.update(_grads(p), s, p)
+        return optax.apply_updates(p, updates), s
+
+    state = tx.init(params)
+    params, state = step(params, state)
+    params, state = step(params, state)
+    assert step._cache_size() == 1
+
+
+@every_method
+def test_tree_map_params_keeps_state(method: Method):
+    tx = method.make()
+    params = lora_params(zero_b=False)
+    state = tx.init(params)
+    mapped = optax.tree.map_params(tx, lambda x: x + 0, state, transform_non_params=lambda x: x)
+    chex.assert_trees_all_equal_structs(mapped, state)
+    chex.assert_trees_all_close(mapped, state)
+
+
+@every_method
+def test_inject_hyperparams_matches(method: Method):
+    params = lora_params(zero_b=False)
+    direct, _ = _run_steps(method.make(), params, 5)
+    injected, _ = _run_steps(method.injected(), params, 5)
+    chex.assert_trees_all_close(direct, injected, rtol=1e-5, atol=1e-6)
+
+
+@every_method
+def test_schedule_accepted(method: Method):
+    params = lora_params(zero_b=False)
+    constant, _ = _run_steps(method.make(optax.constant_schedule(method.learning_rate)), params, 3)
+    direct, _ = _run_steps(method.make(), params, 3)
+    chex.assert_trees_all_close(constant, direct, rtol=1e-5, atol=1e-6)
+    halved, _ = _run_steps(method.make(optax.constant_schedule(0.5 * method.learning_rate)),
+                           params, 1)
+    first, _ = _run_steps(method.make(), params, 1)
+    delta_half = jax.tree.map(lambda x, y: x - y, halved, params)
+    delta_full = jax.tree.map(lambda x, y: x - y, first, params)
+    chex.assert_trees_all_close(delta_half, jax.tree.map(lambda d: 0.5 * d, delta_full),
+                                rtol=1e-4, atol=1e-7)
+
+
+@every_method
+def test_bf16_params_give_bf16_updates(method: Method):
+    params = lora_params(zero_b=False, dtype=jnp.bfloat16)
+    tx = method.make()
+    state = tx.init(params)
+    grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), _grads(params))
+    updates, new_state = tx.update(grads, state, params)
+    for leaf in jax.tree.leaves(updates):
+        assert leaf.dtype == jnp.bfloat16
+    chex.assert_tree_all_finite(updates)
+    chex.assert_trees_all_equal_dtypes(state, new_state)
+
+
+@every_method
+def test_state_dtype_stable_under_cond(method: Method):
+    tx = method.make()
+    params = lora_params(zero_b=False)
+    state = tx.init(params)
+    grads = _grads(params)
+    pred = jnp.array(True)
+    new_state = jax.lax.cond(pred, lambda s: tx.update(grads, s, params)[1], lambda s: s, state)
+    chex.assert_trees_all_equal_dtypes(state, new_state)
+
+
+@every_method
+def test_multisteps_equals_averaged_gradient(method: Method):
+    params = lora_params(zero_b=False)
+    g1 = _grads(params)
+    g2 = jax.tree.map(lambda g: -0.5 * g + 0.1, g1)
+    multi = optax.MultiSteps(method.make(), every_k_schedule=2)
+    state = multi.init(params)
+    first, state = multi.update(g1, state, params)
+    chex.assert_trees_all_close(first, jax.tree.map(jnp.zeros_like, first))
+    second, _ = multi.update(g2, state, params)
+    tx = method.make()
+    mean = jax.tree.map(lambda x, y: 0.5 * (x + y), g1, g2)
+    expected, _ = tx.update(mean, tx.init(params), params)
+    chex.assert_trees_all_close(second, expected, rtol=1e-5, atol=1e-6)
+
+
+@every_method
+def test_nonfinite_gradients_pass_through_and_are_skipped(method: Method):
+    params = lora_params(zero_b=False)
+    grads = _grads(params)
+    bad = jax.tree.map(lambda g: g.at[0, 0].set(jnp.nan), grads)
+    tx = method.make()
+    raw, _ = tx.update(bad, tx.init(params), params)
+    assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(raw))
+
+    guarded = optax.apply_if_finite(method.make(), max_consecutive_errors=3)
+    state = guarded.init(params)
+    skipped, state_after = guarded.update(bad, state, params)
+    chex.assert_trees_all_close(skipped, jax.tree.map(jnp.zeros_like, skipped))
+    chex.assert_trees_all_close(state_after.inner_state, state.inner_state)
+    good, _ = guarded.update(grads, state_after, params)
+    expected, _ = tx.update(grads, tx.init(params), params)
+    chex.assert_trees_all_close(good, expected, rtol=1e-5, atol=1e-6)
+
+
+@every_method
+def test_abstract_init(method: Method):
+    tx = method.make()
+    params = lora_params()
+    concrete = tx.init(params)
+    abstract = jax.eval_shape(tx.init, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(concrete, abstract)
+    structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    from_structs = tx.init(structs)
+    chex.assert_trees_all_equal_shapes_and_dtypes(concrete, from_structs)
+
+
+class _TinyLoRAModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.first = nnx.LoRA(6, 2, 5, base_module=nnx.Linear(6, 5, rngs=rngs), rngs=rngs)
+        self.second = nnx.LoRA(5, 2, 3, base_module=nnx.Linear(5, 3, rngs=rngs), rngs=rngs)
+
+    def __call__(self, x):
+        return self.second(jnp.tanh(self.first(x)))
+
+
+@every_method
+def test_nnx_optimizer_trains_only_lora_params(method: Method):
+    model = _TinyLoRAModel(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (32, 6))
+    y = jax.random.normal(jax.random.key(2), (32, 3))
+    optimizer = nnx.Optimizer(model, method.make(0.1 * method.learning_rate), wrt=nnx.LoRAParam)
+    base_before = np.asarray(model.first.base_module.kernel[...])
+    loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(30)]
+    assert losses[-1] < losses[0]
+    np.testing.assert_array_equal(np.asarray(model.first.base_module.kernel[...]), base_before)
