@@ -153,7 +153,8 @@ class PairTree:
             self.pairs.append(self._checked_pair(path, node, what))
 
     def _checked_pair(self, path: str, node: Any, what: str) -> LoRAPair | None:
-        a, b, stats = (_single_array(x) for x in _members(node, self.keys))
+        entry_a, entry_b, stats = _members(node, self.keys)
+        a, b = _single_array(entry_a), _single_array(entry_b)
         if a is None and b is None:
             return None
         if a is None or b is None:
@@ -162,7 +163,7 @@ class PairTree:
                 f"(a: {_shape(a)}, b: {_shape(b)}); mask or route both factors together."
             )
         _validate_pair(path, a, b)
-        return LoRAPair(a, b, None if stats is None else _members(node, self.keys)[2])
+        return LoRAPair(a, b, stats)
 
     @property
     def num_pairs(self) -> int:
@@ -186,8 +187,8 @@ class PairTree:
                 continue
             if not is_pair_node(node, self.keys):
                 raise ValueError(f"{what} at {path}: expected a LoRA pair, got {type(node)}")
-            a, b, _ = (_single_array(x) for x in _members(node, self.keys))
-            stats = _members(node, self.keys)[2]
+            entry_a, entry_b, stats = _members(node, self.keys)
+            a, b = _single_array(entry_a), _single_array(entry_b)
             for name, x, r in (("a", a, ref.a), ("b", b, ref.b)):
                 if _shape(x) != _shape(r):
                     raise ValueError(
