@@ -202,3 +202,21 @@ def test_nnx_optimizer_trains_only_lora_params(method: Method):
     losses = [float(step(model, optimizer)) for _ in range(30)]
     assert losses[-1] < losses[0]
     np.testing.assert_array_equal(np.asarray(model.first.base_module.kernel[...]), base_before)
+
+
+
+class JitEagerAgree(chex.TestCase):
+    """Each method's update agrees with and without jit (pmap: ``test_multidevice.py``)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_update_matches_reference(self):
+        params = lora_params(zero_b=False)
+        grads = _grads(params)
+        for method in METHODS:
+            tx = method.make()
+            state = tx.init(params)
+            expected, _ = jax.jit(tx.update)(grads, state, params)
+            update = self.variant(lambda g, s, p, tx=tx: tx.update(g, s, p)[0])
+            got = update(grads, state, params)
+            chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6,
+                                        custom_message=method.name)
