@@ -14,6 +14,7 @@ from typing import Any
 import optax
 
 import lowrank_optax as lro
+from lowrank_optax import altlora as _altlora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,8 @@ METHODS: list[Method] = [
     Method("scaled_sgd", lro.scaled_sgd, 0.3),
     Method("scaled_adamw", lro.scaled_adamw, 0.03),
     Method("loraplus_adamw", _loraplus_adamw, 0.03),
+    Method("altlora", _altlora.altlora, 0.1),
+    Method("altlora_plus", _altlora.altlora_plus, 0.1),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}

@@ -1,0 +1,359 @@
+"""AltLoRA and AltLoRA+: alternating projections with momentum aligned to the low-rank subspaces.
+
+Yu, Wang, Chen and Xue, "AltLoRA: Towards Better Gradient Approximation in Low-Rank Adaptation
+with Alternating Projections", 2025: Section 4, Theorems 1–2, Algorithm 1; AltLoRA+ follows the
+official code (``LucasXinYu/AltLoRA``, ``optimizer_new.py``), the paper's Algorithm 2 being
+unavailable.
+
+Library orientation (``delta_W = scale·a @ b``; paper ``W = W0 + s·B A`` with ``a = Aᵀ``,
+``b = Bᵀ``, so ``BᵀB = b bᵀ`` and ``A Aᵀ = aᵀa``). One ``update`` call moves ONE factor; the
+other factor's update is exactly zero (times the incoming gradient, so that a non-finite gradient
+still reaches ``optax.apply_if_finite``). With ``δ`` the Gram regulariser:
+
+    a-step:  ĝa = ∇a (b bᵀ + δI)⁻¹ / s²                          (Theorem 1, eq. 8)
+             m̃a = ma (b_prev bᵀ)(b bᵀ + δI)⁻¹                    (Theorem 2 for A; b_prev = b at
+                                                                 the previous a-step)
+             ma ← β1 m̃a + (1 − β1) ĝa,   ua = ma + γ a            (Alg. 1 lines 5–8)
+    b-step:  ĝb = (aᵀa + δI)⁻¹ ∇b / s²
+             m̃b = (aᵀa + δI)⁻¹ (aᵀ a_prev) mb                    (Theorem 2; a_prev = a at the
+                                                                 previous b-step)
+             mb ← β1 m̃b + (1 − β1) ĝb,   ub = mb + γ b
+
+``u`` is the descent direction (optax sign convention; the alias multiplies by ``−lr``), so
+``a ← a − lr (ma + γ a)`` is the paper's coupled weight decay ``A ← A − η(M + γA)`` on the
+active factor only. Paper notation: ``ĝa = (∇̃_A L)ᵀ``, ``ma = (Mᴬ)ᵀ``; the paper's
+``M̃ᴮ = Mᴮ A_old A_newᵀ (A_new A_newᵀ)⁻¹`` transposes to ``m̃b`` above.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank_optax import linalg
+from lowrank_optax.pairs import (
+    DEFAULT_KEYS,
+    LoRAPair,
+    PairKeys,
+    abstract_safe_init,
+    init_pairs,
+    map_pairs,
+    require_params,
+)
+
+__all__ = [
+    "ScaleByAltLoRAState",
+    "altlora",
+    "altlora_active",
+    "altlora_plus",
+    "scale_by_altlora",
+]
+
+Order = Literal["b_first", "a_first"]
+_A_FIRST, _B_FIRST, _JOINT = 0, 1, 2
+
+
+class ScaleByAltLoRAState(NamedTuple):
+    """State of :func:`scale_by_altlora`.
+
+    Attributes:
+      count: number of ``update`` calls so far (int32).
+      schedule: which factor each call moves: 0 = a on even calls, 1 = b on even calls,
+        2 = both every call (``joint``). Read it through :func:`altlora_active`.
+      mu: per pair ``LoRAPair(ma, mb)``, the first moments (factor-shaped).
+      nu: per pair ``LoRAPair(va, vb)``, AltLoRA+'s elementwise second moments, or ``None``.
+      anchor: per pair ``LoRAPair(a_prev, b_prev)``: ``a`` at the last b-step and ``b`` at the
+        last a-step, the subspaces the stored moments are aligned with (Theorem 2).
+    """
+
+    count: jax.Array
+    schedule: jax.Array
+    mu: Any
+    nu: Any
+    anchor: Any
+
+
+def _active(count: jax.Array, schedule: jax.Array) -> tuple[jax.Array, jax.Array]:
+    even = count % 2 == 0
+    joint = schedule == _JOINT
+    a_active = joint | jnp.where(schedule == _A_FIRST, even, ~even)
+    b_active = joint | jnp.where(schedule == _A_FIRST, ~even, even)
+    return a_active, b_active
+
+
+def altlora_active(opt_state: Any) -> LoRAPair:
+    """Which factors the next ``update`` call of an AltLoRA optimizer moves.
+
+    Finds the :class:`ScaleByAltLoRAState` inside ``opt_state`` (an ``altlora`` /
+    ``altlora_plus`` state, possibly nested in ``optax.chain``, ``MultiSteps``,
+    ``inject_hyperparams`` or ``apply_if_finite``) and returns ``LoRAPair(a, b)`` of boolean
+    scalars. A training loop can skip the backward pass through the inactive factor, e.g.
+    ``a = jnp.where(active.a, a, jax.lax.stop_gradient(a))`` (the paper's "only backpropagate
+    w.r.t. A_t"). The inactive gradient is ignored either way.
+    """
+    states = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByAltLoRAState))
+        if isinstance(s, ScaleByAltLoRAState)
+    ]
+    if len(states) != 1:
+        raise ValueError(f"expected one ScaleByAltLoRAState in opt_state, found {len(states)}")
+    a_active, b_active = _active(states[0].count, states[0].schedule)
+    return LoRAPair(a_active, b_active)
+
+
+class _Hyper(NamedTuple):
+    b1: Any
+    b2: Any
+    eps: Any
+    weight_decay: Any
+    scale: Any
+    delta: Any
+    second_moment: bool
+
+
+def _moment_step(pre, mu, nu, transported, k, hp: _Hyper):
+    """Direction and new moments of the active factor from its preconditioned gradient."""
+    # Decays in the compute dtype, so (1 − β) and the bias correction (1 − βᵏ) agree exactly.
+    b1, b2 = (jnp.asarray(x, pre.dtype) for x in (hp.b1, hp.b2))
+    aligned = b1 * transported + (1 - b1) * pre
+    if not hp.second_moment:
+        return aligned, aligned, None
+    nu = b2 * nu + (1 - b2) * jnp.square(pre)
+    stored = b1 * mu + (1 - b1) * pre
+    k = k.astype(pre.dtype)
+    m_hat = aligned / (1 - b1**k)
+    v_hat = nu / (1 - b2**k)
+    return m_hat / (jnp.sqrt(v_hat) + hp.eps), stored, nu
+
+
+def _a_step(g, p, mu, nu, anchor, k, hp: _Hyper):
+    gram = linalg.gram_b(p.b)
+    pre = linalg.solve_spd_right(g.a, gram, hp.delta) / hp.scale**2
+    transported = linalg.solve_spd_right(mu.a @ (anchor.b @ p.b.T), gram, hp.delta)
+    nu_a = None if nu is None else nu.a
+    direction, new_mu, new_nu = _moment_step(pre, mu.a, nu_a, transported, k, hp)
+    return direction + hp.weight_decay * p.a, new_mu, new_nu
+
+
+def _b_step(g, a, b, mu, nu, anchor, k, hp: _Hyper):
+    gram = linalg.gram_a(a)
+    pre = linalg.solve_spd(gram, g.b, hp.delta) / hp.scale**2
+    transported = linalg.solve_spd(gram, (a.T @ anchor.a) @ mu.b, hp.delta)
+    nu_b = None if nu is None else nu.b
+    direction, new_mu, new_nu = _moment_step(pre, mu.b, nu_b, transported, k, hp)
+    return direction + hp.weight_decay * b, new_mu, new_nu
+
+
+def _select(flag, new, old):
+    return None if new is None else jnp.where(flag, new, old)
+
+
+def _pair_update(g, p, mu, nu, anchor, *, a_active, b_active, k, joint_lr, hp: _Hyper):
+    u_a, mu_a, nu_a = _a_step(g, p, mu, nu, anchor, k, hp)
+    # Joint mode (official code): b is preconditioned with the already-updated a.
+    a_next = p.a if joint_lr is None else p.a - joint_lr * u_a
+    u_b, mu_b, nu_b = _b_step(g, a_next, p.b, mu, nu, anchor, k, hp)
+    updates = LoRAPair(
+        jnp.where(a_active, u_a, 0.0 * g.a), jnp.where(b_active, u_b, 0.0 * g.b)
+    )
+    new_mu = LoRAPair(_select(a_active, mu_a, mu.a), _select(b_active, mu_b, mu.b))
+    new_anchor = LoRAPair(
+        jnp.where(b_active, a_next, anchor.a), jnp.where(a_active, p.b, anchor.b)
+    )
+    if nu is None:
+        return updates, new_mu, new_anchor
+    new_nu = LoRAPair(_select(a_active, nu_a, nu.a), _select(b_active, nu_b, nu.b))
+    return updates, new_mu, new_nu, new_anchor
+
+
+def _zeros_pair(p: LoRAPair) -> LoRAPair:
+    return LoRAPair(jnp.zeros_like(p.a), jnp.zeros_like(p.b))
+
+
+def scale_by_altlora(
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    order: Order = "b_first",
+    scale: float = 1.0,
+    delta: float = 1e-6,
+    second_moment: bool = False,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    joint: bool = False,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """AltLoRA direction: alternating scaled gradients with subspace-aligned momentum.
+
+    See the module docstring for the update rule. Every call uses the fresh gradient it is
+    given for the active factor (Algorithm 1: one backward pass per half-step); momentum is
+    never bias-corrected (Algorithm 1), except in AltLoRA+ (below).
+
+    **AltLoRA+** (``second_moment=True``), as the official code defines it (the paper's
+    Algorithm 2 is not available), per active factor with ``ĝ`` and ``m̃`` as above::
+
+        v ← β2 v + (1 − β2) ĝ ⊙ ĝ            (elementwise, not transported)
+        n = β1 m̃ + (1 − β1) ĝ                 (transported momentum, numerator only)
+        u = (n / (1 − β1ᵏ)) / (√(v / (1 − β2ᵏ)) + eps) + γ·param
+        m ← β1 m + (1 − β1) ĝ                 (the STORED momentum is the untransported EMA)
+
+    Decision: both moments are bias-corrected as in ``optax.adam``, with ``k`` the number of
+    updates the factor has received (``⌈t/2⌉``; ``t`` in joint mode). The official code corrects
+    only the numerator (with the global step) and leaves ``v`` uncorrected, which makes the first
+    steps ``1/√(1−β2) ≈ 32×`` larger than Adam's; we keep Adam's calibrated step size. AltLoRA+
+    is not transformation invariant (paper §5.2): ``v`` lives in fixed coordinates.
+
+    **Joint mode** (``joint=True``) reproduces the official code's default (``alt=False``):
+    both factors move on every call from ONE gradient; a first, then b preconditioned with the
+    updated ``a₊ = a − lr·u_a`` (the b-gradient stays the one at ``W_t``). It needs
+    ``learning_rate`` to form ``a₊``. To match the code further use ``scale=1`` (the code has no
+    ``1/s²``); the code's bias correction ``1/(1−β1ᵗ)`` and weight decay applied after the step
+    are not reproduced (Algorithm 1's forms are used).
+
+    Args:
+      b1: momentum coefficient β1, default 0.9 (paper). ``b1=0`` gives momentum-free AltLoRA.
+      weight_decay: γ, applied to the active factor only (so the inactive update stays exactly
+        zero); default 0 (paper's experiments).
+      order: ``"b_first"`` (default; paper Table 5: better, and from ``b = 0`` an a-step cannot
+        descend) or ``"a_first"`` (Algorithm 1 as written, ``t mod 2 = 0`` updates A).
+      scale: the LoRA scale ``s`` of ``delta_W = s·a @ b``; the ``1/s²`` of eq. (8) makes the
+        update of ``W`` independent of ``alpha``. Default 1.0.
+      delta: ``δ`` regularising both r×r Grams (the paper's Corollary 1 replaces the full-rank
+        assumption by a Frobenius penalty; the official code uses ``reg = 1e-5``). Default
+        ``1e-6`` like ``scaled_sgd``: it keeps ``b = 0`` finite (the a-step there is
+        ``0·δ⁻¹ = 0``). ``δ = 0`` makes AltLoRA exactly GL(r)-invariant for full-rank factors.
+      second_moment: AltLoRA+ (see above).
+      b2: AltLoRA+'s second-moment decay, default 0.999 (paper's setting).
+      eps: AltLoRA+'s denominator constant, default 1e-8 (Adam's; the official runs use 1e-4).
+      joint: both factors per call (official code default), see above.
+      learning_rate: float or schedule; required by ``joint=True`` only.
+      keys: mapping keys of the factors in the tree.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+    """
+    if order not in ("b_first", "a_first"):
+        raise ValueError(f"order must be 'b_first' or 'a_first', got {order!r}")
+    if joint and learning_rate is None:
+        raise ValueError("scale_by_altlora(joint=True) needs learning_rate to form the new a")
+    schedule = _JOINT if joint else (_B_FIRST if order == "b_first" else _A_FIRST)
+
+    def init_fn(params):
+        mu = init_pairs(_zeros_pair, params, keys)
+        return ScaleByAltLoRAState(
+            count=jnp.zeros([], jnp.int32),
+            schedule=jnp.asarray(schedule, jnp.int32),
+            mu=mu,
+            nu=init_pairs(_zeros_pair, params, keys) if second_moment else None,
+            anchor=init_pairs(_zeros_pair, params, keys),
+        )
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "scale_by_altlora")
+        a_active, b_active = _active(state.count, state.schedule)
+        k = state.count + 1 if joint else state.count // 2 + 1
+        joint_lr = None
+        if joint:
+            joint_lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        hp = _Hyper(b1, b2, eps, weight_decay, scale, delta, second_moment)
+
+        def fn(g, p, mu, *rest):
+            nu, anchor = rest if second_moment else (None, rest[0])
+            return _pair_update(g, p, mu, nu, anchor, a_active=a_active, b_active=b_active,
+                                k=k, joint_lr=joint_lr, hp=hp)
+
+        moment_trees = (state.mu, state.nu) if second_moment else (state.mu,)
+        new_updates, *new_trees = map_pairs(fn, updates, params, *moment_trees, state.anchor,
+                                            keys=keys)
+        new_nu = new_trees[1] if second_moment else None
+        return new_updates, ScaleByAltLoRAState(
+            count=optax.safe_increment(state.count),
+            schedule=state.schedule,
+            mu=new_trees[0],
+            nu=new_nu,
+            anchor=new_trees[-1],
+        )
+
+    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+
+
+def altlora(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    order: Order = "b_first",
+    scale: float = 1.0,
+    delta: float = 1e-6,
+    joint: bool = False,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """AltLoRA (Algorithm 1): one factor per ``update`` call, aligned momentum, no bias correction.
+
+    ``a ← a − lr·(ma + γ a)`` on a-steps, ``b ← b − lr·(mb + γ b)`` on b-steps (see
+    :func:`scale_by_altlora`; weight decay is part of the direction because it must not touch
+    the inactive factor). Feed a fresh gradient to every call; :func:`altlora_active` tells the
+    training loop which factor the call moves.
+
+    Args:
+      learning_rate: a float or an ``optax.Schedule`` (η).
+      b1: momentum coefficient, default 0.9.
+      weight_decay: γ, default 0.
+      order: ``"b_first"`` (default) or ``"a_first"``.
+      scale: LoRA scale ``s`` (default 1.0), see :func:`scale_by_altlora`.
+      delta: Gram regulariser, default 1e-6.
+      joint: both factors per call as in the official code (see :func:`scale_by_altlora`).
+      keys: mapping keys of the factors in the tree.
+
+    Example::
+
+      >>> import jax.numpy as jnp, optax, lowrank_optax as lro
+      >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
+      >>> tx = lro.altlora(0.1)
+      >>> state = tx.init(params)
+      >>> grads = {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.ones((2, 3))}
+      >>> updates, state = tx.update(grads, state, params)   # a b-step: updates["lora_a"] == 0
+      >>> params = optax.apply_updates(params, updates)
+    """
+    return optax.chain(
+        scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta, joint=joint,
+                         learning_rate=learning_rate, keys=keys),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def altlora_plus(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    order: Order = "b_first",
+    scale: float = 1.0,
+    delta: float = 1e-6,
+    joint: bool = False,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """AltLoRA+: AltLoRA with an elementwise second moment (official code's rule).
+
+    See :func:`scale_by_altlora` (``second_moment=True``) for the rule and the bias-correction
+    decision. Not transformation invariant.
+
+    Args:
+      learning_rate: a float or an ``optax.Schedule``.
+      b1, b2, eps: moment decays and denominator constant (defaults as ``optax.adam``).
+      weight_decay: γ on the active factor, default 0.
+      order, scale, delta, joint, keys: as :func:`altlora`.
+    """
+    return optax.chain(
+        scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta,
+                         second_moment=True, b2=b2, eps=eps, joint=joint,
+                         learning_rate=learning_rate, keys=keys),
+        optax.scale_by_learning_rate(learning_rate),
+    )
