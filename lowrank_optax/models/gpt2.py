@@ -201,13 +201,21 @@ class GPT2(nnx.Module):
         return self.drop(self.wte(input_ids) + self.wpe(positions))
 
     def _head(self, x: Array) -> Array:
-        return self.wte.attend(self.ln_f(x))
+        return self.lm_head(self.ln_f(x))
+
+    def lm_head(self, hidden: Array) -> Array:
+        """Logits from final hidden states (tied to ``wte``)."""
+        return self.wte.attend(hidden)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """Logits ``(batch, seq, vocab)`` for right-padded ``input_ids`` ``(batch, seq)``.
 
         ``attention_mask`` (1 = token, 0 = padding) hides padded keys; positions count from 0.
         """
+        return self.lm_head(self.hidden(input_ids, attention_mask))
+
+    def hidden(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Final (layer-normalised) hidden states ``(batch, seq, n_embd)``; see ``__call__``."""
         t = input_ids.shape[1]
         positions = jnp.broadcast_to(jnp.arange(t), input_ids.shape)
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
@@ -216,7 +224,7 @@ class GPT2(nnx.Module):
         x = self._embed(input_ids, positions)
         for block in self.h:
             x, _ = block(x, mask)
-        return self._head(x)
+        return self.ln_f(x)
 
     def decode(
         self, input_ids: Array, positions: Array, token_mask: Array, cache: KVCache
