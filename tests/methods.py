@@ -15,6 +15,7 @@ import optax
 
 import lowrank_optax as lro
 from lowrank_optax import altlora as _altlora
+from lowrank_optax import lora_pro as _lora_pro
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ METHODS: list[Method] = [
     Method("loraplus_adamw", _loraplus_adamw, 0.03),
     Method("altlora", _altlora.altlora, 0.1),
     Method("altlora_plus", _altlora.altlora_plus, 0.1),
+    Method("lora_pro_sgd", _lora_pro.lora_pro_sgd, 0.3),
+    Method("lora_pro_adamw", _lora_pro.lora_pro_adamw, 0.05),
+    Method("lora_pro_adamw_factor", _lora_pro.lora_pro_adamw, 0.03, {"full_state": False}),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}
