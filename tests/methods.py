@@ -15,6 +15,7 @@ import optax
 
 import lowrank_optax as lro
 from lowrank_optax import altlora as _altlora
+from lowrank_optax import solora as _solora
 from lowrank_optax import lora_pro as _lora_pro
 
 
@@ -50,6 +51,9 @@ METHODS: list[Method] = [
     Method("lora_pro_sgd", _lora_pro.lora_pro_sgd, 0.3),
     Method("lora_pro_adamw", _lora_pro.lora_pro_adamw, 0.05),
     Method("lora_pro_adamw_factor", _lora_pro.lora_pro_adamw, 0.03, {"full_state": False}),
+    Method("solora_sgd", _solora.solora_sgd, 0.01),
+    Method("solora_adamw", _solora.solora_adamw, 0.03),
+    Method("solora_adamw_factor", _solora.solora_adamw, 0.03, {"moment": "factor"}),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}

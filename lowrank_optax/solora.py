@@ -1,0 +1,337 @@
+"""SoLoRA: second-order low-rank adaptation with an adaptive row/column metric.
+
+SoLoRA looks for the LoRA update whose induced change of ``W`` best approximates the
+Newton-like step ``H⁻¹G`` under the metric ``⟨Y, Z⟩_H = ⟨Lr^{½} Y Lc^{½}, Z⟩`` built from
+exponential moving averages of the row and column sums of ``G⊙G`` (``G = ∂L/∂W``):
+
+    l ← β l + (1 − β)·rowsum(G⊙G),   Lr = diag(l / √‖l‖₁ + eps)        (m×m)
+    c ← β c + (1 − β)·colsum(G⊙G),   Lc = diag(c / √‖c‖₁ + eps)        (n×n)
+
+In library orientation (``delta_W = scale·a b``, ``a: m×r``, ``b: r×n``), with
+``P = Lr^{½}``, ``Q = Lc^{½}``, ``Ka = aᵀ P a + δI``, ``Kb = b Q bᵀ + δI``, ``Ga = G bᵀ`` and
+``Gb = aᵀ G`` (the factor gradients divided by ``scale``), Theorems 3.1–3.2 give
+
+    Δa = P⁻¹ Ga Kb⁻¹ − ½ a Ka⁻¹ aᵀ Ga Kb⁻¹
+    Δb = Ka⁻¹ Gb Q⁻¹ − ½ Ka⁻¹ Gb bᵀ Kb⁻¹ b
+
+so that ``Δa b + a Δb`` is the ``H``-orthogonal projection of ``H⁻¹G`` onto the tangent space
+at ``a b`` (Theorem 3.1) and the balancing matrix ``X = −½ Ka⁻¹ aᵀ G bᵀ Kb⁻¹`` minimises
+``‖Δa b − a Δb‖_H`` (Theorem 3.2). The returned direction is ``(Δa, Δb) / scale`` so that the
+induced update of ``scale·a b`` does not depend on ``scale``.
+
+Mapping to the paper (``W_p = B A`` with ``B: out×r`` zero-initialised, ``A: r×in``):
+``B = bᵀ``, ``A = aᵀ``, ``G_p = Gᵀ``; the paper's ``L`` (over output features) is our ``Lc``,
+its ``R`` is our ``Lr``; the formulas are symmetric under this transposition, the paper's
+``(Δ_B, Δ_A)`` are our ``(Δbᵀ, Δaᵀ)``.
+
+Where ``rowsum(G⊙G)`` and ``colsum(G⊙G)`` come from:
+
+* **exact** (reproduces the paper): the pair carries a statistics probe (``lora_stats``, see
+  :mod:`lowrank_optax.flax.grad_stats`) whose gradient holds the statistics of the true ``G``,
+  reduced in the layer's backward pass. Used whenever the gradient pair has ``stats``.
+* **factor-only** fallback: without a probe the factor gradients determine only the tangent
+  projection ``P_T(G)``; the statistics of ``P_T(G)`` are used instead. ``P_T(G)`` has the
+  low-rank form ``[a, D] [C; b]`` (``C = (aᵀa+δI)⁻¹ Gb``,
+  ``D = (Ga − a C bᵀ)(b bᵀ+δI)⁻¹``), so its row/column sums of squares cost
+  ``O((m + n) r²)`` and no ``m×n`` array is formed. It is *not* the paper's metric: ``G``'s
+  energy outside the tangent space is missing from ``l`` and ``c``.
+
+Reference: "LoRA meets second-order optimization: towards optimal low-rank updates" (SoLoRA,
+ICLR 2026 submission), Section 3, Theorems 3.1–3.2, Algorithms 1–2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank_optax import linalg
+from lowrank_optax.flax.grad_stats import probe_fields
+from lowrank_optax.pairs import (
+    DEFAULT_KEYS,
+    LoRAPair,
+    PairKeys,
+    abstract_safe_init,
+    init_pairs,
+    map_pairs,
+    require_params,
+)
+
+__all__ = [
+    "SoLoRAState",
+    "scale_by_solora",
+    "solora_adamw",
+    "solora_direction",
+    "solora_sgd",
+]
+
+_MOMENTS = ("full", "factor")
+
+
+class SoLoRAPairState(NamedTuple):
+    """Per-pair state: EMAs of ``rowsum(G⊙G)`` (m,), ``colsum(G⊙G)`` (n,) and the momentum.
+
+    ``mu`` is ``None`` (Algorithm 1), an ``m×n`` moment of ``G`` (``moment="full"``) or a
+    :class:`LoRAPair` of moments of ``(G bᵀ, aᵀG)`` (``moment="factor"``).
+    """
+
+    row: jax.Array
+    col: jax.Array
+    mu: Any
+
+
+class SoLoRAState(NamedTuple):
+    """State of :func:`scale_by_solora`: step count and a :class:`SoLoRAPairState` per pair."""
+
+    count: jax.Array
+    pairs: Any
+
+
+def metric_sqrt(ema: jax.Array, eps: float | jax.Array) -> jax.Array:
+    """Diagonal of ``L^{½}`` with ``L = diag(ema / √‖ema‖₁ + eps)``.
+
+    ``‖ema‖₁`` is guarded by the smallest normal number so that an all-zero EMA gives
+    ``L = eps·I`` instead of ``0/0``; non-finite values still propagate.
+    """
+    norm = jnp.sum(jnp.abs(ema))
+    return jnp.sqrt(ema / jnp.sqrt(norm + jnp.finfo(ema.dtype).tiny) + eps)
+
+
+def solora_direction(
+    ga: jax.Array,
+    gb: jax.Array,
+    p: LoRAPair,
+    row_sqrt: jax.Array,
+    col_sqrt: jax.Array,
+    delta: float | jax.Array,
+) -> LoRAPair:
+    """SoLoRA's ``(Δa, Δb)`` for one pair (Algorithm 1 lines 5–6 in library orientation).
+
+    Args:
+      ga: ``G bᵀ`` (``m×r``), or a moment of it.
+      gb: ``aᵀ G`` (``r×n``), or a moment of it.
+      p: the parameter pair ``(a, b)``.
+      row_sqrt: diagonal of ``P = Lr^{½}`` (``m``).
+      col_sqrt: diagonal of ``Q = Lc^{½}`` (``n``).
+      delta: ``δ`` added to both r×r weighted Grams.
+    """
+    a, b = p.a, p.b
+    ka = jnp.einsum("mr,m,ms->rs", a, row_sqrt, a)
+    kb = jnp.einsum("rn,n,sn->rs", b, col_sqrt, b)
+    u = linalg.solve_spd_right(ga, kb, delta)  # Ga Kb⁻¹
+    v = linalg.solve_spd(ka, gb, delta)  # Ka⁻¹ Gb
+    delta_a = u / row_sqrt[:, None] - 0.5 * a @ linalg.solve_spd(ka, a.T @ u, delta)
+    delta_b = v / col_sqrt[None, :] - 0.5 * linalg.solve_spd_right(v @ b.T, kb, delta) @ b
+    return LoRAPair(delta_a, delta_b)
+
+
+def _tangent_factors(ga, gb, p: LoRAPair, delta) -> tuple[jax.Array, jax.Array]:
+    """``(U, V)`` with ``U V = P_T(G)`` (``U: m×2r``, ``V: 2r×n``) from ``G bᵀ``, ``aᵀG``."""
+    a, b = p.a, p.b
+    c = linalg.solve_spd(linalg.gram_a(a), gb, delta)
+    d = linalg.solve_spd_right(ga - a @ (c @ b.T), linalg.gram_b(b), delta)
+    return jnp.concatenate([a, d], axis=1), jnp.concatenate([c, b], axis=0)
+
+
+def _lowrank_square_sums(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``rowsum(Y⊙Y)``, ``colsum(Y⊙Y)`` of ``Y = U V`` without forming ``Y``."""
+    row = jnp.sum((u @ (v @ v.T)) * u, axis=1)
+    col = jnp.sum(v * ((u.T @ u) @ v), axis=0)
+    return row, col
+
+
+def _pair_init(p: LoRAPair, momentum: bool, moment: str) -> SoLoRAPairState:
+    (m, _), (_, n) = p.a.shape, p.b.shape
+    dtype = p.a.dtype
+    mu = None
+    if momentum and moment == "full":
+        mu = jnp.zeros((m, n), dtype)
+    elif momentum:
+        mu = LoRAPair(jnp.zeros_like(p.a), jnp.zeros_like(p.b))
+    return SoLoRAPairState(jnp.zeros((m,), dtype), jnp.zeros((n,), dtype), mu)
+
+
+def scale_by_solora(
+    b1: float | jax.Array | None = None,
+    b2: float | jax.Array = 0.98,
+    eps: float | jax.Array = 1e-8,
+    delta: float | jax.Array = 1e-6,
+    *,
+    scale: float | jax.Array = 1.0,
+    moment: str = "full",
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """SoLoRA direction: Algorithm 1 (``b1=None``) or Algorithm 2's direction (``b1`` given).
+
+    Per step ``t`` and pair (library notation, pre-step ``a``, ``b``)::
+
+        l ← b2 l + (1−b2) rowsum(G⊙G),   c ← b2 c + (1−b2) colsum(G⊙G)
+        Algorithm 1:  u = solora_direction(G bᵀ, aᵀG; l, c) / scale
+        Algorithm 2:  M ← b1 M + (1−b1) G
+                      u = √(1−b2ᵗ)/(1−b1ᵗ) · solora_direction(M bᵀ, aᵀM; l, c) / scale
+
+    ``G bᵀ = ∇a / scale`` and ``aᵀG = ∇b / scale`` come from the factor gradients. The source
+    of ``rowsum``/``colsum`` (and of ``G`` in ``M``) is the pair's statistics probe when the
+    gradient pair carries one (exact, the paper's) and ``P_T(G)`` otherwise (factor-only); see
+    the module docstring. Algorithm 1 has no bias correction (as published); in Algorithm 2
+    ``√(1−b2ᵗ)`` undoes the start-up bias of the normalised metric and ``1/(1−b1ᵗ)`` that of
+    the momentum.
+
+    Moments (Algorithm 2):
+
+    * ``moment="full"`` keeps the paper's ``m×n`` moment ``M`` of ``G``. With a probe created
+      with ``full_gradient=True`` the moment is of the true ``G``: this reproduces Algorithm 2
+      exactly. Without the ``"grad"`` entry it is a moment of ``P_T(G)``, which agrees with the
+      paper's at the current step (``P_T(G) bᵀ = G bᵀ``, ``aᵀ P_T(G) = aᵀG``) but not for past
+      gradients whose energy lay outside the current tangent space.
+    * ``moment="factor"`` keeps moments of ``G bᵀ`` and ``aᵀG`` (``O((m+n) r)`` memory). They
+      equal the paper's ``M bᵀ``, ``aᵀM`` when the factors do not move within the averaging
+      window, i.e. to first order in the learning rate.
+
+    Zero-initialised ``b``: ``Kb = b Q bᵀ`` vanishes, and ``δI`` keeps ``Kb + δI`` invertible.
+    Every term that multiplies ``Kb⁻¹`` carries a factor ``b`` (``G bᵀ`` and ``b`` itself), so
+    the first step is exactly ``Δa = 0`` and ``Δb = Ka⁻¹ aᵀG Q⁻¹`` (the ``δ``-free value); while
+    ``b`` is tiny ``‖Kb⁻¹‖ ≤ 1/δ`` bounds the ``a`` step. The metric's ``eps`` keeps ``P⁻¹``,
+    ``Q⁻¹`` finite for rows/columns without gradient energy.
+
+    GL(r): for ``δ = 0`` every quantity is covariant under ``(a, b) → (a R, R⁻¹ b)``
+    (``Ka → RᵀKaR``, ``Kb → R⁻¹KbR⁻ᵀ``, ``G bᵀ → G bᵀR⁻ᵀ``; the metric depends on ``G`` or
+    ``P_T(G)`` only, both invariant), giving ``Δa → Δa R``, ``Δb → R⁻¹Δb``. Hence the product
+    after any number of steps is *exactly* invariant, in both statistics modes and for both
+    moments (the factor moments transform like the gradients, ``R`` being fixed), also with
+    decoupled weight decay. ``δ > 0`` breaks it by ``O(δ / σ_min(K))``.
+
+    Args:
+      b1: momentum decay (the paper's ``β3``); ``None`` gives Algorithm 1 (no momentum, no
+        bias correction). Default ``None``; the paper's Algorithm 2 uses 0.9.
+      b2: decay of the metric EMAs (the paper's ``β1 = β2``). Default 0.98, the paper's GPT-2
+        value for both algorithms (Table 4).
+      eps: added to the normalised diagonals of ``Lr``, ``Lc`` (units of ``|G|``, like Adam's
+        ``eps``); the paper has none. Default 1e-8.
+      delta: ``δ`` added to the weighted r×r Grams ``Ka``, ``Kb``; the paper inverts them
+        unregularised, which fails at its own ``B = 0`` initialisation. Default 1e-6, as the
+        library's scaled GD.
+      scale: the LoRA scale (``alpha / r``) so that the induced update of ``scale·a b`` is
+        independent of it. Default 1.0 (the paper's convention).
+      moment: ``"full"`` (paper, ``m×n``) or ``"factor"`` (``O((m+n) r)``); only used with
+        ``b1``.
+      keys: mapping keys of the factors in the tree.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`SoLoRAState`; needs ``params``.
+    """
+    if moment not in _MOMENTS:
+        raise ValueError(f"moment must be one of {_MOMENTS}, got {moment!r}")
+    momentum = b1 is not None
+
+    def init_fn(params: optax.Params) -> SoLoRAState:
+        pairs = init_pairs(lambda p: _pair_init(p, momentum, moment), params, keys)
+        return SoLoRAState(jnp.zeros([], jnp.int32), pairs)
+
+    def pair_update(g: LoRAPair, p: LoRAPair, s: SoLoRAPairState, count: jax.Array):
+        ga, gb = g.a / scale, g.b / scale
+        u, v = _tangent_factors(ga, gb, p, delta)
+        if g.stats is None:
+            row_stat, col_stat = _lowrank_square_sums(u, v)
+            full_g = None
+        else:
+            row_stat, col_stat, full_g = probe_fields(g.stats)
+        row = b2 * s.row + (1 - b2) * row_stat
+        col = b2 * s.col + (1 - b2) * col_stat
+        row_sqrt, col_sqrt = metric_sqrt(row, eps), metric_sqrt(col, eps)
+        if not momentum:
+            d = solora_direction(ga, gb, p, row_sqrt, col_sqrt, delta)
+            return LoRAPair(d.a / scale, d.b / scale), SoLoRAPairState(row, col, None)
+        if moment == "full":
+            g_full = u @ v if full_g is None else full_g
+            mu = b1 * s.mu + (1 - b1) * g_full
+            mu_a, mu_b = mu @ p.b.T, p.a.T @ mu
+        else:
+            mu = LoRAPair(b1 * s.mu.a + (1 - b1) * ga, b1 * s.mu.b + (1 - b1) * gb)
+            mu_a, mu_b = mu.a, mu.b
+        t = count.astype(row.dtype)
+        bias = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        d = solora_direction(mu_a, mu_b, p, row_sqrt, col_sqrt, delta)
+        factor = bias / scale
+        return LoRAPair(factor * d.a, factor * d.b), SoLoRAPairState(row, col, mu)
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "scale_by_solora")
+        count = optax.safe_increment(state.count)
+        new_updates, pairs = map_pairs(
+            lambda g, p, s: pair_update(g, p, s, count), updates, params, state.pairs, keys=keys
+        )
+        return new_updates, SoLoRAState(count, pairs)
+
+    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+
+
+def solora_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    delta: float = 1e-6,
+    *,
+    scale: float = 1.0,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """SoLoRA with SGD (Algorithm 1): ``a ← a − lr·(Δa + wd·a)``, ``b ← b − lr·(Δb + wd·b)``.
+
+    See :func:`scale_by_solora` (``b1=None``) for the direction and the statistics modes.
+
+    Args:
+      learning_rate: a float or an ``optax.Schedule``.
+      b2: metric EMA decay (paper's ``β1 = β2``), default 0.98 (paper, Table 4).
+      eps: metric floor, default 1e-8.
+      weight_decay: decoupled weight decay, default 0.0 (Algorithm 1 has none).
+      delta: r×r Gram regulariser, default 1e-6.
+      scale: LoRA scale ``alpha / r``, default 1.0.
+      keys: mapping keys of the factors in the tree.
+    """
+    return optax.chain(
+        scale_by_solora(None, b2, eps, delta, scale=scale, keys=keys),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def solora_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    delta: float = 1e-6,
+    *,
+    scale: float = 1.0,
+    moment: str = "full",
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """SoLoRA with momentum / AdamW (Algorithm 2).
+
+    ``a ← a − lr·(√(1−b2ᵗ)/(1−b1ᵗ)·Δa(M) + wd·a)`` and likewise for ``b``. The listing's line 8
+    writes ``B_{t+1} = (1 − λη B_t) − …``; it is read as decoupled weight decay
+    ``(1 − λη) B_t − …`` (``optax.add_decayed_weights`` before the learning rate), the only
+    reading that is dimensionally consistent and matches "AdamW".
+
+    Args:
+      learning_rate: a float or an ``optax.Schedule``.
+      b1: momentum decay (paper's ``β3``), default 0.9 (paper, Table 4).
+      b2: metric EMA decay (paper's ``β1 = β2``), default 0.98 (paper, Table 4).
+      eps: metric floor, default 1e-8.
+      weight_decay: decoupled weight decay ``λ``; default 0.0 (the paper's GPT-2 runs use 0.01).
+      delta: r×r Gram regulariser, default 1e-6.
+      scale: LoRA scale ``alpha / r``, default 1.0.
+      moment: ``"full"`` (the paper's ``m×n`` moment; exact with a ``full_gradient`` probe) or
+        ``"factor"`` (memory-light, first-order agreement); see :func:`scale_by_solora`.
+      keys: mapping keys of the factors in the tree.
+    """
+    return optax.chain(
+        scale_by_solora(b1, b2, eps, delta, scale=scale, moment=moment, keys=keys),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
