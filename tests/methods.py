@@ -15,8 +15,10 @@ import optax
 
 import lowrank_optax as lro
 from lowrank_optax import altlora as _altlora
-from lowrank_optax import solora as _solora
 from lowrank_optax import lora_pro as _lora_pro
+from lowrank_optax import lora_s as _lora_s
+from lowrank_optax import quotient as _quotient
+from lowrank_optax import solora as _solora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,10 @@ def _loraplus_adamw(learning_rate, ratio=4.0):
     return lro.loraplus(optax.adamw, ratio, learning_rate=learning_rate, weight_decay=0.0)
 
 
+def _sylvester_lift_adam(learning_rate):
+    return _lora_s.sylvester_lift(optax.adam(learning_rate))
+
+
 METHODS: list[Method] = [
     Method("scaled_sgd", lro.scaled_sgd, 0.3),
     Method("scaled_adamw", lro.scaled_adamw, 0.03),
@@ -54,6 +60,13 @@ METHODS: list[Method] = [
     Method("solora_sgd", _solora.solora_sgd, 0.01),
     Method("solora_adamw", _solora.solora_adamw, 0.03),
     Method("solora_adamw_factor", _solora.solora_adamw, 0.03, {"moment": "factor"}),
+    Method("adams", _lora_s.adams, 0.03),
+    Method("adams_low_memory", _lora_s.adams, 0.03, {"low_memory": True}),
+    Method("adams_riemannian_robust", _lora_s.adams, 0.03,
+           {"riemannian_second_moment": True, "robust_steps": 20}),
+    Method("lracs", _lora_s.lracs, 0.03),
+    Method("sylvester_lift_adam", _sylvester_lift_adam, 0.03),
+    Method("quotient_sgd", _quotient.quotient_sgd, 0.1, {"robust_steps": 10}),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}

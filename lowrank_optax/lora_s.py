@@ -1,0 +1,612 @@
+"""LoRA-S: transformation-invariant LoRA optimizers by horizontal lift (Zheng & Wu).
+
+Every method of the family works on the *descent vector* ``X``, an ``m×n`` matrix on the tangent
+space of the rank-r manifold at ``W = a b``, and turns it into a pair update ``(u_a, u_b)`` whose
+first-order effect on the product is exactly ``P_T(X)``:
+
+    u_a b + a u_b = P_T(X)
+
+The pair update is the *horizontal lift* of ``X`` under the quotient metric (LoRA-S eq. (7))
+
+    ḡ((ȧ, ḃ), (ǎ, b̌)) = tr((aᵀa)⁻¹ ȧᵀ ǎ) + tr((b bᵀ)⁻¹ ḃ b̌ᵀ)
+
+i.e. the unique pre-image of ``P_T(X)`` orthogonal to the vertical directions ``(a Ω, −Ω b)``
+(``Ω ∈ R^{r×r}``) along which ``a b`` does not change. In library orientation (``M = a``,
+``N = bᵀ``; ``S = (aᵀa)(b bᵀ)``):
+
+    S K + K S = aᵀ X bᵀ                                   (Sylvester eq. (9))
+    u_a = (X bᵀ − a (b bᵀ) K) (b bᵀ)⁻¹                    (Alg. 1 line 4)
+    u_b = (aᵀa)⁻¹ (aᵀ X − K (aᵀa) b)                      (Alg. 1 line 5, transposed)
+
+Because ``X ↦ (u_a, u_b)`` is linear and commutes with ``(a, b) → (a R, R⁻¹ b)``
+(``u_a → u_a R``, ``u_b → R⁻¹ u_b``), any rule that computes ``X`` from the product alone gives an
+optimizer that is exactly GL(r) transformation invariant.
+
+The descent vector is ``P_T(G)`` recovered from the factor gradients (eq. (12)); it is the
+tangent projection of the gradient with respect to the product ``a b`` (for
+``W = W0 + s·a b`` that is ``s·∂L/∂W``, as in the paper, which has no ``s``).
+
+Signs: the paper adds the lift of the preconditioned vector in Algorithm 2 (``M + lift``) and
+subtracts ``λη·lift`` in Algorithm 3. Here every ``scale_by_*`` returns the lift of the
+preconditioned vector with a positive sign (a descent direction, like ``optax.scale_by_adam``)
+and the aliases multiply it by ``−learning_rate``: ``a ← a − lr·u_a``, ``b ← b − lr·u_b``.
+
+Zero-initialised ``b``: ``b bᵀ = 0`` makes the quotient geometry singular. Every Gram here is
+regularised, ``aᵀa + δI`` and ``b bᵀ + δI``, in the projection, the Sylvester equation and the
+lift alike, which keeps the identity ``u_a b + a u_b = P_T^δ(X)`` exact. At ``b = 0`` this gives
+``u_a = 0`` and ``u_b = (aᵀa + δI)⁻¹ aᵀ X``, the least-squares pre-image; nothing divides by zero.
+``δ > 0`` breaks invariance by ``O(δ/σ_min²)``; ``δ = 0`` is exactly invariant but needs
+full-rank factors.
+
+Reference: J. Zheng and T. Wu, "LoRA-S: an efficient low rank adaptation scheme via Sylvester
+equation", Algorithms 1–4, Sections 3–4, Appendix A.8–A.17.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank_optax import linalg
+from lowrank_optax.linalg import mT
+from lowrank_optax.pairs import (
+    DEFAULT_KEYS,
+    LoRAPair,
+    PairKeys,
+    abstract_safe_init,
+    init_pairs,
+    map_pairs,
+    require_params,
+)
+
+__all__ = [
+    "adams",
+    "descent_vector",
+    "horizontal_lift",
+    "lracs",
+    "quotient_metric",
+    "scale_by_adams",
+    "scale_by_lracs",
+    "sylvester_lift",
+]
+
+
+# ----------------------------------------------------------------------------- per-pair kernels
+
+
+def descent_vector(g: LoRAPair, p: LoRAPair, delta: float | jax.Array) -> jax.Array:
+    """``P_T(G)`` (``m×n``) from the factor gradients ``g`` at the factors ``p`` (eq. (12))."""
+    return linalg.tangent_from_factor_grads(p.a, p.b, g.a, g.b, 1.0, delta)
+
+
+def horizontal_lift(x: jax.Array, p: LoRAPair, delta: float | jax.Array) -> LoRAPair:
+    """Horizontal lift of ``x: (m, n)`` at ``p`` under metric (7) (LoRA-S Algorithm 1).
+
+    Solves ``S K + K S = aᵀ x bᵀ`` with ``S = (aᵀa + δI)(b bᵀ + δI)`` and returns
+    ``u_a = (x bᵀ − a (b bᵀ + δI) K)(b bᵀ + δI)⁻¹``, ``u_b = (aᵀa + δI)⁻¹ (aᵀ x − K (aᵀa + δI) b)``,
+    so that ``u_a b + a u_b = P_T^δ(x)`` exactly. Components of ``x`` off the tangent space are
+    ignored (App. A.8), so ``x`` need not be projected first.
+    """
+    a, b = p.a, p.b
+    gram_a, gram_b = linalg.gram_a(a), linalg.gram_b(b)
+    ga, gb = linalg.regularize(gram_a, delta), linalg.regularize(gram_b, delta)
+    at_x = mT(a) @ x
+    k = linalg.solve_sylvester_gram_product(ga, gb, at_x @ mT(b))
+    u_a = linalg.solve_spd_right(x @ mT(b) - a @ (gb @ k), gram_b, delta)
+    u_b = linalg.solve_spd(gram_a, at_x - (k @ ga) @ b, delta)
+    return LoRAPair(u_a, u_b)
+
+
+def quotient_metric(
+    p: LoRAPair, u: LoRAPair, v: LoRAPair, delta: float | jax.Array = 0.0
+) -> jax.Array:
+    """Metric (7) at ``p``: ``tr((aᵀa + δI)⁻¹ u_aᵀ v_a) + tr((b bᵀ + δI)⁻¹ u_b v_bᵀ)``."""
+    left = jnp.sum(v.a * linalg.solve_spd_right(u.a, linalg.gram_a(p.a), delta), axis=(-2, -1))
+    right = jnp.sum(v.b * linalg.solve_spd(linalg.gram_b(p.b), u.b, delta), axis=(-2, -1))
+    return left + right
+
+
+def _lift_norm(lift: LoRAPair, p: LoRAPair, delta: float | jax.Array) -> jax.Array:
+    """``‖x‖_g``, the norm under the induced metric (8), from the horizontal lift of ``x``."""
+    return jnp.sqrt(quotient_metric(p, lift, lift, delta))
+
+
+def _ema(decay: Any, old: Any, new: Any) -> Any:
+    return jax.tree.map(lambda o, n: decay * o + (1.0 - decay) * n, old, new)
+
+
+def _bias_corrected(moment: jax.Array, decay: Any, count: jax.Array) -> jax.Array:
+    return moment / (1.0 - decay ** count.astype(moment.dtype))
+
+
+def _pair_zeros_like_product(p: LoRAPair) -> jax.Array:
+    return jnp.zeros((p.a.shape[-2], p.b.shape[-1]), p.a.dtype)
+
+
+def _descent_tree(updates: Any, params: Any, delta: Any, keys: PairKeys) -> Any:
+    """The tree of descent vectors ``P_T(G)``, one ``(..., m, n)`` leaf per pair."""
+    template = init_pairs(_pair_zeros_like_product, params, keys)
+    _, vectors = map_pairs(
+        lambda g, p, _: (g, descent_vector(g, p, delta)), updates, params, template, keys=keys
+    )
+    return vectors
+
+
+# ----------------------------------------------------------------------------- sylvester_lift
+
+
+class SylvesterLiftState(NamedTuple):
+    """State of :func:`sylvester_lift`: the inner transformation's state (``m×n`` per pair)."""
+
+    inner_state: optax.OptState
+
+
+def sylvester_lift(
+    inner: optax.GradientTransformation,
+    *,
+    delta: float = 1e-6,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """Lifts any optax transformation acting on ``m×n`` matrices to LoRA pairs (LoRA-S Alg. 1).
+
+    Per step: recover the descent vectors ``X = P_T(G)`` (``m×n``, one per pair) from the
+    factor gradients; run ``inner`` on the tree of all descent vectors (which mirrors the
+    pair-level structure of ``params``, one ``(..., m, n)`` leaf per pair); lift each output
+    ``X̃`` horizontally (see :func:`horizontal_lift`) and return the lift as the pair update.
+    The update moves the product by ``P_T(X̃)`` to first order, and the optimizer is GL(r)
+    transformation invariant whatever ``inner`` is (exactly for ``delta = 0``).
+
+    ``inner``'s state lives in ``m×n`` space per pair (e.g. ``optax.adam`` keeps two ``m×n``
+    moments per pair): the full-matrix memory cost of the optimizer being lifted. ``inner``
+    never sees the LoRA factors: it is called with ``params=None`` (extra keyword arguments of
+    ``update`` are passed on), so transformations that need params (``optax.add_decayed_weights``,
+    hence ``optax.adamw`` and ``optax.lion``, which contain it) do not belong inside; chain them
+    after the lift, or use their ``scale_by_*`` form.
+
+    Learning-rate convention: the lift is linear in ``X̃``, so it carries over whatever sign
+    and scale ``inner`` applies. ``sylvester_lift(optax.adam(lr))`` is a complete optimizer
+    (apply its updates with ``optax.apply_updates``), and equals
+    ``optax.chain(sylvester_lift(optax.scale_by_adam()), optax.scale_by_learning_rate(lr))``.
+
+    Args:
+      inner: any ``optax.GradientTransformation`` on a tree of ``m×n`` matrices.
+      delta: ``δ`` regularising both r×r Grams in the projection, the Sylvester equation and
+        the lift; default ``1e-6`` keeps zero-initialised ``b`` finite (the first step then
+        moves ``b`` only, by the least-squares pre-image of ``X̃``).
+      keys: mapping keys of the factors in the tree.
+    """
+
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> SylvesterLiftState:
+        return SylvesterLiftState(inner.init(init_pairs(_pair_zeros_like_product, params, keys)))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        require_params(params, "sylvester_lift")
+        vectors = _descent_tree(updates, params, delta, keys)
+        preconditioned, inner_state = inner.update(vectors, state.inner_state, None, **extra_args)
+        new_updates, _ = map_pairs(
+            lambda g, p, x: (horizontal_lift(x, p, delta), x),
+            updates, params, preconditioned, keys=keys,
+        )
+        return new_updates, SylvesterLiftState(inner_state)
+
+    return optax.GradientTransformationExtraArgs(abstract_safe_init(init_fn), update_fn)
+
+
+# ----------------------------------------------------------------------------- AdamS
+
+
+class TangentMoment(NamedTuple):
+    """First moment in tangent coordinates (Alg. 4): ``m = U·core·Vᵀ + left·Vᵀ + U·right``.
+
+    ``U``, ``V`` are orthonormal bases of the column spaces of ``a`` and ``bᵀ`` (``M``, ``N``),
+    recomputed each step; ``left`` (``m×r``) and ``right`` (``r×n``) are orthogonal to them.
+    """
+
+    core: jax.Array
+    left: jax.Array
+    right: jax.Array
+
+
+class FactorAdamMoments(NamedTuple):
+    """Adam moments of the raw factor gradients, used during the robust start."""
+
+    mu: LoRAPair
+    nu: LoRAPair
+
+
+class ScaleByAdamSState(NamedTuple):
+    """State of :func:`scale_by_adams`.
+
+    Attributes:
+      count: steps taken (int32).
+      mu: per pair, the first moment of ``X`` (``m×n``) or a :class:`TangentMoment`.
+      nu: per pair, the second moment of ``X`` (``m×n``).
+      robust: per pair :class:`FactorAdamMoments` for the robust start, or ``None`` when
+        ``robust_steps`` is the literal ``0``.
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    robust: Any
+
+
+def _orthonormal_basis(f: jax.Array) -> jax.Array:
+    """``Q`` of the QR factorisation ``f = Q R`` with ``diag(R) ≥ 0`` (a function of ``f``)."""
+    q, r = jnp.linalg.qr(f)
+    signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(q.dtype)
+    return q * signs[..., None, :]
+
+
+def _tangent_coords(x: jax.Array, u: jax.Array, v: jax.Array) -> TangentMoment:
+    core = mT(u) @ x @ v
+    return TangentMoment(core, x @ v - u @ core, mT(u) @ x - core @ mT(v))
+
+
+def _from_tangent_coords(c: TangentMoment, u: jax.Array, v: jax.Array) -> jax.Array:
+    return (u @ c.core + c.left) @ mT(v) + u @ c.right
+
+
+def _tangent_moment_zeros(p: LoRAPair) -> TangentMoment:
+    (m, r), n = p.a.shape, p.b.shape[-1]
+    return TangentMoment(*(jnp.zeros(s, p.a.dtype) for s in ((r, r), (m, r), (r, n))))
+
+
+def _factor_adam_zeros(p: LoRAPair) -> FactorAdamMoments:
+    zeros = LoRAPair(jnp.zeros_like(p.a), jnp.zeros_like(p.b))
+    return FactorAdamMoments(zeros, zeros)
+
+
+def _has_robust_start(robust_steps: Any) -> bool:
+    """Whether the state holds robust-start moments: always, unless ``robust_steps`` is ``0``.
+
+    Under ``optax.inject_hyperparams`` the value arrives as an array (traced in ``update``), so
+    the state structure depends only on whether the literal Python ``0`` was passed.
+    """
+    return not (isinstance(robust_steps, int) and robust_steps == 0)
+
+
+def scale_by_adams(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    delta: float = 1e-6,
+    robust_steps: int = 0,
+    low_memory: bool = False,
+    riemannian_second_moment: bool = False,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """AdamS direction: Adam on the descent vector, then the horizontal lift (LoRA-S Alg. 2).
+
+    Per step ``t`` and pair (library notation, pre-step ``a``, ``b``)::
+
+        X = P_T(G)                                      (from ∇a, ∇b; eq. (12))
+        m ← b1 m + (1 − b1) X,   v ← b2 v + (1 − b2) X⊙X
+        X̃ = m̂ / (√v̂ + eps),     m̂ = m / (1 − b1ᵗ),  v̂ = v / (1 − b2ᵗ)
+        (u_a, u_b) = horizontal_lift(X̃)                 (Sylvester eq. (9), Alg. 2 lines 7–9)
+
+    Algorithm 2 prints ``m_t/√v_t`` (no bias correction, no ``eps``); the bias correction and
+    ``eps`` outside the root are those of ``optax.adam``, as the library's design fixes.
+    ``scale_by_adams()`` equals ``sylvester_lift(optax.scale_by_adam(b1, b2, eps))``.
+
+    Options:
+
+    * ``low_memory`` (Alg. 4, App. A.17): the first moment is kept in tangent coordinates
+      ``(core, left, right)`` (``r² + mr + rn`` numbers) w.r.t. orthonormal bases ``U``, ``V``
+      of ``a`` and ``bᵀ`` from QR with a non-negative diagonal of ``R`` (so the bases are
+      functions of the factors and move continuously); each step the new coordinates of ``X``
+      are averaged in and ``m`` is rebuilt with the *current* bases, as the paper does (no
+      transport). The second moment stays ``m×n``. Because the QR bases are not equivariant
+      under a general ``R ∈ GL(r)``, this variant is invariant only under positive diagonal
+      ``R`` beyond the first step.
+    * ``riemannian_second_moment`` (Section 4.2): ``v`` accumulates
+      ``(‖X‖_g / ‖X‖_F)·X⊙X`` with ``‖X‖_g`` the norm under the induced metric (8) (one more
+      Sylvester solve, to lift ``X``) and ``‖·‖_F`` the Frobenius norm; the ratio is taken as
+      printed (not squared); ``0`` when ``X = 0``. Still invariant (``‖·‖_g`` is a metric on
+      the quotient).
+    * ``robust_steps`` (App. A.16): for the first ``robust_steps`` steps the direction is plain
+      Adam on the raw factor gradients (AdamW without decay; its own moments, bias-corrected),
+      then AdamS starts with fresh moments and its own bias-correction count (so the near-zero
+      factors of the first steps do not pollute ``v``). Chosen with ``lax.cond`` on the step
+      count, so it works with a traced ``robust_steps`` under ``optax.inject_hyperparams``.
+
+    Args:
+      b1: first-moment decay, default 0.9 (paper, Table 4/5).
+      b2: second-moment decay, default 0.999 (paper).
+      eps: added to ``√v̂``, default 1e-8 (``optax.adam``).
+      delta: ``δ`` regularising the r×r Grams (see module docstring); default 1e-6 keeps the
+        zero-initialised ``b`` finite. ``0`` gives exact invariance for full-rank factors.
+      robust_steps: number of initial plain-Adam steps; default 0 (the paper uses 100).
+      low_memory: store the first moment in tangent coordinates (Alg. 4).
+      riemannian_second_moment: accumulate the second moment under metric (8).
+      keys: mapping keys of the factors in the tree.
+    """
+    robust = _has_robust_start(robust_steps)
+
+    def init_fn(params: optax.Params) -> ScaleByAdamSState:
+        mu_init = _tangent_moment_zeros if low_memory else _pair_zeros_like_product
+        return ScaleByAdamSState(
+            jnp.zeros([], jnp.int32),
+            init_pairs(mu_init, params, keys),
+            init_pairs(_pair_zeros_like_product, params, keys),
+            init_pairs(_factor_adam_zeros, params, keys) if robust else None,
+        )
+
+    def first_moment(mu: Any, x: jax.Array, p: LoRAPair) -> tuple[Any, jax.Array]:
+        if not low_memory:
+            mu = _ema(b1, mu, x)
+            return mu, mu
+        u, v = _orthonormal_basis(p.a), _orthonormal_basis(mT(p.b))
+        mu = _ema(b1, mu, _tangent_coords(x, u, v))
+        return mu, _from_tangent_coords(mu, u, v)
+
+    def second_moment_input(x: jax.Array, p: LoRAPair) -> jax.Array:
+        if not riemannian_second_moment:
+            return x * x
+        norm_g = _lift_norm(horizontal_lift(x, p, delta), p, delta)
+        norm_f = jnp.sqrt(jnp.sum(x * x))
+        ratio = jnp.where(norm_f > 0, norm_g / jnp.where(norm_f > 0, norm_f, 1.0), 0.0)
+        return ratio * x * x
+
+    def adams_step(g, p, mu, nu, count):
+        x = descent_vector(g, p, delta)
+        mu, m = first_moment(mu, x, p)
+        nu = _ema(b2, nu, second_moment_input(x, p))
+        x_tilde = _bias_corrected(m, b1, count) / (
+            jnp.sqrt(_bias_corrected(nu, b2, count)) + eps
+        )
+        return horizontal_lift(x_tilde, p, delta), mu, nu
+
+    def robust_step(g: LoRAPair, moments: FactorAdamMoments, count):
+        mu = _ema(b1, moments.mu, g)
+        nu = _ema(b2, moments.nu, jax.tree.map(jnp.square, g))
+        direction = jax.tree.map(
+            lambda m, v: _bias_corrected(m, b1, count)
+            / (jnp.sqrt(_bias_corrected(v, b2, count)) + eps),
+            mu, nu,
+        )
+        return direction, FactorAdamMoments(mu, nu)
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "scale_by_adams")
+        count = optax.safe_increment(state.count)
+        if not robust:
+            def pair_fn(g, p, mu, nu):
+                return adams_step(g, LoRAPair(p.a, p.b), mu, nu, count)
+
+            new_updates, mu, nu = map_pairs(pair_fn, updates, params, state.mu, state.nu,
+                                            keys=keys)
+            return new_updates, ScaleByAdamSState(count, mu, nu, None)
+
+        in_robust_phase = state.count < robust_steps
+        adams_count = count - robust_steps
+
+        def robust_pair_fn(g, p, mu, nu, moments):
+            g = LoRAPair(g.a, g.b)
+
+            def robust_branch(_):
+                direction, new_moments = robust_step(g, moments, count)
+                return direction, mu, nu, new_moments
+
+            def adams_branch(_):
+                return (*adams_step(g, p, mu, nu, adams_count), moments)
+
+            return jax.lax.cond(in_robust_phase, robust_branch, adams_branch, None)
+
+        new_updates, mu, nu, robust_moments = map_pairs(
+            robust_pair_fn, updates, params, state.mu, state.nu, state.robust, keys=keys
+        )
+        return new_updates, ScaleByAdamSState(count, mu, nu, robust_moments)
+
+    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+
+
+def adams(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    robust_steps: int = 0,
+    low_memory: bool = False,
+    riemannian_second_moment: bool = False,
+    delta: float = 1e-6,
+    weight_decay: float = 0.0,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """AdamS (Adam-Sylvester) for LoRA pairs (LoRA-S Algorithms 2 and 4).
+
+    :func:`scale_by_adams`, then decoupled weight decay, then ``−learning_rate``:
+    ``a ← a − lr·(u_a + wd·a)``, ``b ← b − lr·(u_b + wd·b)``.
+
+    ``weight_decay`` is the Sylvester-matrix regularisation of App. A.11,
+    ``K ← K + λη I``: substituting it into the lift adds exactly ``−λη·(a, b)`` (the terms
+    ``a (b bᵀ) λI (b bᵀ)⁻¹ = λ a`` and ``(aᵀa)⁻¹ λI (aᵀa) b = λ b``, also with ``δ``), so it
+    is decoupled weight decay with coefficient ``λ``. Default 0: the paper's methods are
+    weight-decay free (its ablation finds ``λ = 0`` best).
+
+    Args:
+      learning_rate: a float or an ``optax.Schedule``; the paper uses 5e-5 (GPT-2) to 3e-4.
+      b1, b2, eps: Adam hyperparameters (see :func:`scale_by_adams`).
+      robust_steps: initial plain-Adam steps (App. A.16; the paper uses 100). Default 0.
+      low_memory: Algorithm 4 (first moment in tangent coordinates).
+      riemannian_second_moment: second moment under metric (8) (Section 4.2).
+      delta: Gram regulariser, default 1e-6.
+      weight_decay: ``λ`` of App. A.11 (equivalently, decoupled weight decay).
+      keys: mapping keys of the factors in the tree.
+
+    Example::
+
+      >>> import jax.numpy as jnp, optax, lowrank_optax as lro
+      >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
+      >>> tx = lro.adams(1e-3)
+      >>> state = tx.init(params)
+      >>> grads = {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.ones((2, 3))}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+    """
+    return optax.chain(
+        scale_by_adams(
+            b1, b2, eps, delta=delta, robust_steps=robust_steps, low_memory=low_memory,
+            riemannian_second_moment=riemannian_second_moment, keys=keys,
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# ----------------------------------------------------------------------------- LRACS
+
+
+class ScaleByLRACSState(NamedTuple):
+    """State of :func:`scale_by_lracs`.
+
+    Attributes:
+      count: steps taken (int32).
+      mu_s: per pair, first moment of the column scales ``s`` (``n``).
+      mu_q: per pair, first moment of the row scales ``q`` (``m``).
+      phi: per pair, the limited norm ``φ`` of the previous step (scalar; 0 before step 1).
+    """
+
+    count: jax.Array
+    mu_s: Any
+    mu_q: Any
+    phi: Any
+
+
+def racs_scales(x: jax.Array, iterations: int | jax.Array = 5) -> tuple[jax.Array, jax.Array]:
+    """Column and row scales ``(s, q)`` of RACS (LoRA-S eq. (14)) by power iteration from ``q = 1``.
+
+    Fixed point of ``s = (x⊙x)ᵀ q / ‖q‖²`` and ``q = (x⊙x) s / ‖s‖²`` (the diagonal Kronecker
+    factors ``S``, ``Q`` of ``F ≈ S ⊗ Q`` from a one-sample estimate); ``s`` is updated first.
+    Zero norms are replaced by the smallest positive float, so ``x = 0`` gives ``s = q = 0``.
+    """
+    x2 = x * x
+    tiny = jnp.finfo(x.dtype).tiny
+
+    def body(_, sq):
+        _, q = sq
+        s = (q @ x2) / jnp.maximum(jnp.sum(q * q), tiny)
+        return s, (x2 @ s) / jnp.maximum(jnp.sum(s * s), tiny)
+
+    init = (jnp.zeros(x.shape[-1], x.dtype), jnp.ones(x.shape[-2], x.dtype))
+    return jax.lax.fori_loop(0, iterations, body, init)
+
+
+def scale_by_lracs(
+    b1: float = 0.9,
+    gamma: float = 1.01,
+    eps: float = 1e-8,
+    *,
+    power_iterations: int = 5,
+    bias_correction: bool = False,
+    delta: float = 1e-6,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """LRACS direction: RACS row/column scaling of ``X``, lifted horizontally (LoRA-S Alg. 3).
+
+    Per step and pair::
+
+        X = P_T(G)                                        (eq. (12))
+        (s, q) = RACS scales of X                         (eq. (14), power iteration from q = 1)
+        m_s ← b1 m_s + (1 − b1) s,  m_q ← b1 m_q + (1 − b1) q
+        X̃ = Diag(m_q)^{-1/2} X Diag(m_s)^{-1/2}          (entrywise X / (√m_q √m_sᵀ + eps))
+        (u_a, u_b) = horizontal_lift(X̃)
+        η = γ / max(‖X̃‖_g / φ, γ)   (η = 1 while φ = 0, i.e. on the first step)
+        φ ← η ‖X̃‖_g
+        direction = η (u_a, u_b)
+
+    ``‖X̃‖_g`` is the norm of ``X̃`` under the induced metric (8), i.e. metric (7) applied to
+    its horizontal lift. The norm-growth limiter allows the (metric) update norm to grow by at
+    most ``γ`` per step. State beyond the factors: ``m + n + 1`` numbers per pair.
+
+    Decisions where the paper is silent: by default no bias correction of ``m_s``, ``m_q``
+    (Algorithm 3 has none; as ``X̃`` scales like ``(m_q m_s)^{-1/2}`` its first step is
+    ``1/(1 − b1)`` times larger than a bias-corrected one, and the limiter does not act on the
+    first step); ``bias_correction=True`` divides both by ``1 − b1ᵗ``; ``eps`` (not in the
+    paper) guards zero rows/columns; the limiter acts per pair (RACS limits each weight
+    matrix); ``φ = 0`` (first step, or a zero update) means "no limit", not ``η = 0`` forever.
+
+    Args:
+      b1: decay of the scale moments, default 0.9 (paper).
+      gamma: limiter threshold ``γ ≥ 1``, default 1.01 (RACS's default; the paper gives none).
+      eps: added to ``√m_q √m_sᵀ``, default 1e-8.
+      power_iterations: iterations for eq. (14), default 5 (paper).
+      bias_correction: divide the scale moments by ``1 − b1ᵗ`` (not in the paper); default
+        False. Makes the first step ``1 − b1`` times as large as the paper's.
+      delta: Gram regulariser (see module docstring), default 1e-6.
+      keys: mapping keys of the factors in the tree.
+    """
+
+    def init_fn(params: optax.Params) -> ScaleByLRACSState:
+        def zeros(shape_of):
+            return init_pairs(lambda p: jnp.zeros(shape_of(p), p.a.dtype), params, keys)
+
+        return ScaleByLRACSState(
+            jnp.zeros([], jnp.int32),
+            zeros(lambda p: p.b.shape[-1:]),
+            zeros(lambda p: p.a.shape[-2:-1]),
+            zeros(lambda p: ()),
+        )
+
+    def pair_fn(g, p, mu_s, mu_q, phi, count):
+        x = descent_vector(g, p, delta)
+        s, q = racs_scales(x, power_iterations)
+        mu_s, mu_q = _ema(b1, mu_s, s), _ema(b1, mu_q, q)
+        scale_s, scale_q = mu_s, mu_q
+        if bias_correction:
+            scale_s, scale_q = _bias_corrected(mu_s, b1, count), _bias_corrected(mu_q, b1, count)
+        x_tilde = x / (jnp.sqrt(scale_q)[:, None] * jnp.sqrt(scale_s)[None, :] + eps)
+        lift = horizontal_lift(x_tilde, p, delta)
+        norm = _lift_norm(lift, p, delta)
+        safe_phi = jnp.where(phi > 0, phi, 1.0)
+        eta = jnp.where(phi > 0, gamma / jnp.maximum(norm / safe_phi, gamma), 1.0)
+        direction = jax.tree.map(lambda u: eta * u, lift)
+        return direction, mu_s, mu_q, eta * norm
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "scale_by_lracs")
+        count = optax.safe_increment(state.count)
+        new_updates, mu_s, mu_q, phi = map_pairs(
+            lambda g, p, *s: pair_fn(g, p, *s, count),
+            updates, params, state.mu_s, state.mu_q, state.phi, keys=keys,
+        )
+        return new_updates, ScaleByLRACSState(count, mu_s, mu_q, phi)
+
+    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+
+
+def lracs(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    gamma: float = 1.01,
+    eps: float = 1e-8,
+    *,
+    power_iterations: int = 5,
+    bias_correction: bool = False,
+    delta: float = 1e-6,
+    keys: PairKeys = DEFAULT_KEYS,
+) -> optax.GradientTransformation:
+    """LRACS (lifted RACS) for LoRA pairs (LoRA-S Algorithm 3).
+
+    ``(a, b) ← (a, b) − lr·η·lift(X̃)`` with :func:`scale_by_lracs`'s direction. Weight-decay
+    free as in the paper.
+
+    Args:
+      learning_rate: a float or an ``optax.Schedule``; the paper uses 1e-3 to 5e-3.
+      b1, gamma, eps, power_iterations, bias_correction, delta: see :func:`scale_by_lracs`.
+      keys: mapping keys of the factors in the tree.
+    """
+    return optax.chain(
+        scale_by_lracs(
+            b1, gamma, eps, power_iterations=power_iterations, bias_correction=bias_correction,
+            delta=delta, keys=keys,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
