@@ -16,6 +16,7 @@ import optax
 import lowrank_optax as lro
 from lowrank_optax import altlora as _altlora
 from lowrank_optax import lora_pro as _lora_pro
+from lowrank_optax import lora_rite as _lora_rite
 from lowrank_optax import lora_s as _lora_s
 from lowrank_optax import quotient as _quotient
 from lowrank_optax import solora as _solora
@@ -57,6 +58,9 @@ METHODS: list[Method] = [
     Method("lora_pro_sgd", _lora_pro.lora_pro_sgd, 0.3),
     Method("lora_pro_adamw", _lora_pro.lora_pro_adamw, 0.05),
     Method("lora_pro_adamw_factor", _lora_pro.lora_pro_adamw, 0.03, {"full_state": False}),
+    Method("lora_rite", _lora_rite.lora_rite, 0.03),
+    Method("lora_rite_global_escape_cap", _lora_rite.lora_rite, 0.03,
+           {"clip_scope": "global", "apply_escape": True, "update_capping": 1.0}),
     Method("solora_sgd", _solora.solora_sgd, 0.01),
     Method("solora_adamw", _solora.solora_adamw, 0.03),
     Method("solora_adamw_factor", _solora.solora_adamw, 0.03, {"moment": "factor"}),
