@@ -1,0 +1,56 @@
+"""MkDocs hook: render the reST cross-references of the docstrings as API links.
+
+The docstrings use Sphinx roles (``:func:`scale_by_adams```), which Markdown renders literally as
+``:func:<code>scale_by_adams</code>``. This hook turns each into an optional mkdocs-autorefs
+reference to the documented object (resolved after all pages are built; a name that is not
+documented stays plain code), and drops the reST ``::`` that introduces a literal block.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+from typing import Any
+
+ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|obj):<code>~?([\w.]+)</code>")
+LITERAL_MARKER = re.compile(r"::</p>")
+PACKAGE = "lowrank_optax"
+
+
+def _public_objects() -> dict[str, str]:
+    """Short name -> qualified name of every object defined in a module of the package."""
+    package = importlib.import_module(PACKAGE)
+    found: dict[str, set[str]] = {}
+    for info in pkgutil.walk_packages(package.__path__, f"{PACKAGE}."):
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:
+            continue
+        for name, obj in vars(module).items():
+            if not name.startswith("_") and getattr(obj, "__module__", None) == info.name and (
+                inspect.isfunction(obj) or inspect.isclass(obj)
+            ):
+                found.setdefault(name, set()).add(f"{info.name}.{name}")
+    return {name: qualified.pop() for name, qualified in found.items() if len(qualified) == 1}
+
+
+_OBJECTS: dict[str, str] = {}
+
+
+def on_config(config: Any, **kwargs: Any) -> Any:
+    _OBJECTS.clear()
+    _OBJECTS.update(_public_objects())
+    return config
+
+
+def _reference(match: re.Match) -> str:
+    name = match[1]
+    identifier = name if name.startswith(f"{PACKAGE}.") else _OBJECTS.get(name, name)
+    title = name.rsplit(".", 1)[-1] if name.startswith(f"{PACKAGE}.") else name
+    return f'<autoref identifier="{identifier}" optional><code>{title}</code></autoref>'
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    return LITERAL_MARKER.sub(":</p>", ROLE.sub(_reference, html))
