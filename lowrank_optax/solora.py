@@ -61,7 +61,9 @@ from lowrank_optax.pairs import (
 )
 
 __all__ = [
+    "SoLoRAPairState",
     "SoLoRAState",
+    "metric_sqrt",
     "scale_by_solora",
     "solora_adamw",
     "solora_direction",

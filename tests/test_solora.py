@@ -503,3 +503,23 @@ def test_direction_is_covariant_under_gl_r(seed):
         np.testing.assert_allclose(np.asarray(d2.a), np.asarray(d1.a) @ rm, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(np.asarray(d2.b), np.linalg.solve(rm, np.asarray(d1.b)),
                                    rtol=1e-8, atol=1e-10)
+
+
+def test_stacked_pairs_with_probes_match_separate_pairs():
+    layers = 3
+    rng = np.random.default_rng(12)
+    a = jnp.asarray(rng.normal(size=(layers, M, R)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(layers, R, N)), jnp.float32)
+    grads = {"lora_a": jnp.asarray(rng.normal(size=a.shape), jnp.float32),
+             "lora_b": jnp.asarray(rng.normal(size=b.shape), jnp.float32),
+             "lora_stats": {"row": jnp.asarray(rng.uniform(size=(layers, M)), jnp.float32),
+                            "col": jnp.asarray(rng.uniform(size=(layers, N)), jnp.float32)}}
+    stacked = {"lora_a": a, "lora_b": b, "lora_stats": stats_probe(M, N, (layers,))}
+    tx = solora_adamw(0.1)
+    updates, _ = tx.update(grads, tx.init(stacked), stacked)
+    for i in range(layers):
+        one = jax.tree.map(lambda x, i=i: x[i], stacked)
+        g_one = jax.tree.map(lambda x, i=i: x[i], grads)
+        want, _ = tx.update(g_one, tx.init(one), one)
+        chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], updates), want,
+                                    rtol=1e-5, atol=1e-6)
