@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import pathlib
-import pkgutil
 import re
+from collections.abc import Iterator
 from typing import Any
+
+import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|obj):<code>~?([\w.]+)</code>")
 LITERAL_MARKER = re.compile(r"::</p>")
@@ -52,21 +52,23 @@ def _existing_nav(entries: list[Any], docs_dir: pathlib.Path) -> list[Any]:
     return kept
 
 
-def _public_objects() -> dict[str, str]:
-    """Short name -> qualified name of every object defined in a module of the package."""
-    package = importlib.import_module(PACKAGE)
-    found: dict[str, set[str]] = {}
-    for info in pkgutil.walk_packages(package.__path__, f"{PACKAGE}."):
-        try:
-            module = importlib.import_module(info.name)
-        except ImportError:
+def _defined_objects(module: griffe.Module) -> Iterator[tuple[str, str]]:
+    """(short name, qualified name) of every public function and class defined in the package."""
+    for name, member in module.members.items():
+        if member.is_alias or name.startswith("_"):
             continue
-        for name, obj in vars(module).items():
-            if not name.startswith("_") and getattr(obj, "__module__", None) == info.name and (
-                inspect.isfunction(obj) or inspect.isclass(obj)
-            ):
-                found.setdefault(name, set()).add(f"{info.name}.{name}")
-    return {name: qualified.pop() for name, qualified in found.items() if len(qualified) == 1}
+        if member.is_module:
+            yield from _defined_objects(member)
+        elif member.is_function or member.is_class:
+            yield name, member.path
+
+
+def _unique_names(package: griffe.Module) -> dict[str, str]:
+    """Short name -> qualified name, for the short names defined exactly once."""
+    found: dict[str, set[str]] = {}
+    for name, path in _defined_objects(package):
+        found.setdefault(name, set()).add(path)
+    return {name: paths.pop() for name, paths in found.items() if len(paths) == 1}
 
 
 _OBJECTS: dict[str, str] = {}
@@ -75,7 +77,8 @@ _OBJECTS: dict[str, str] = {}
 def on_config(config: Any, **kwargs: Any) -> Any:
     config["nav"] = _existing_nav(config["nav"], pathlib.Path(config["docs_dir"]))
     _OBJECTS.clear()
-    _OBJECTS.update(_public_objects())
+    root = pathlib.Path(config["config_file_path"]).parent
+    _OBJECTS.update(_unique_names(griffe.load(PACKAGE, search_paths=[str(root)])))
     return config
 
 
