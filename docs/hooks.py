@@ -6,7 +6,7 @@
 * The docstrings use Sphinx roles (``:func:`scale_by_adams```), which Markdown renders literally
   as ``:func:<code>scale_by_adams</code>``. Each becomes an optional mkdocs-autorefs reference to
   the documented object (resolved after all pages are built; a name that is not documented stays
-  plain code), and the reST ``::`` that introduces a literal block is dropped.
+  plain code). (``docs/griffe_rest.py`` handles the other reST markers, before rendering.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|obj):<code>~?([\w.]+)</code>")
-LITERAL_MARKER = re.compile(r"::</p>")
 PACKAGE = "lowrank_optax"
 PENDING_PAGES = {
     "flax.md",
@@ -90,4 +89,4 @@ def _reference(match: re.Match) -> str:
 
 
 def on_page_content(html: str, **kwargs: Any) -> str:
-    return LITERAL_MARKER.sub(":</p>", ROLE.sub(_reference, html))
+    return ROLE.sub(_reference, html)

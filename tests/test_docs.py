@@ -89,4 +89,12 @@ def test_mkdocs_build_strict(tmp_path):
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "site" / "api" / "riemannian" / "index.html").exists()
+    api_pages = sorted((tmp_path / "site" / "api").glob("*/index.html"))
+    assert len(api_pages) >= 8
+    for page in api_pages:
+        html = page.read_text()
+        assert not re.search(r":(func|class|mod|meth):", html), f"raw reST role in {page}"
+        assert "<blockquote>" not in html, f"docstring example rendered as quotes in {page}"
+    riemannian = (tmp_path / "site" / "api" / "riemannian" / "index.html").read_text()
+    assert 'id="lowrank_optax.riemannian.scaled_adamw"' in riemannian
+    assert 'href="#lowrank_optax.riemannian.scale_by_riemannian_precond"' in riemannian
