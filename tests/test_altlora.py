@@ -179,6 +179,12 @@ def test_altlora_with_momentum_is_gl_invariant(r_matrix):
     assert residual < 1e-9 * np.linalg.cond(r_matrix)
 
 
+def test_joint_mode_is_gl_invariant():
+    residual = invariance_residual(lambda: altlora(0.02, joint=True, delta=0.0),
+                                   random_gl(2, 3, 10.0), steps=6)
+    assert residual < 1e-9
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_altlora_plus_is_not_gl_invariant(seed):
     r_matrix = random_gl(seed, 3, 10.0)
