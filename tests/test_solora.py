@@ -327,7 +327,7 @@ _INVARIANT = {
 
 
 @pytest.mark.parametrize("name", list(_INVARIANT))
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(r_matrix=gl_matrices(3, max_cond=10.0))
 def test_gl_r_invariance_is_exact_without_delta(name, r_matrix):
     residual = invariance_residual(lambda: _INVARIANT[name](0.0), r_matrix, steps=3)
@@ -468,9 +468,8 @@ def test_stats_mode_bf16_params_give_bf16_updates(name):
     chex.assert_trees_all_equal_dtypes(state, new_state)
 
 
-@stats_methods
-def test_stats_mode_multisteps_averages_statistics(name):
-    factory, lr, full = _STATS_METHODS[name]
+def test_stats_mode_multisteps_averages_statistics():
+    factory, lr, full = _STATS_METHODS["solora_adamw"]
     params = _probe_params(zero_b=False, full_gradient=full)
     g1 = jax.grad(_probe_loss)(params)
     g2 = jax.tree.map(lambda g: 0.5 * g + 0.1, g1)
@@ -506,7 +505,7 @@ def test_direction_is_covariant_under_gl_r(seed):
 
 
 def test_stacked_pairs_with_probes_match_separate_pairs():
-    layers = 3
+    layers = 2
     rng = np.random.default_rng(12)
     a = jnp.asarray(rng.normal(size=(layers, M, R)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(layers, R, N)), jnp.float32)
