@@ -27,7 +27,7 @@ its ``R`` is our ``Lr``; the formulas are symmetric under this transposition, th
 Where ``rowsum(G⊙G)`` and ``colsum(G⊙G)`` come from:
 
 * **exact** (reproduces the paper): the pair carries a statistics probe (``lora_stats``, see
-  :mod:`lowrank_optax.flax.grad_stats`) whose gradient holds the statistics of the true ``G``,
+  :mod:`lowrank_optax.grad_stats`) whose gradient holds the statistics of the true ``G``,
   reduced in the layer's backward pass. Used whenever the gradient pair has ``stats``.
 * **factor-only** fallback: without a probe the factor gradients determine only the tangent
   projection ``P_T(G)``; the statistics of ``P_T(G)`` are used instead. ``P_T(G)`` has the
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_optax import linalg
-from lowrank_optax.flax.grad_stats import probe_fields
+from lowrank_optax.grad_stats import probe_fields
 from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,

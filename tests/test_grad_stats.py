@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lowrank_optax.flax.grad_stats import (
+from lowrank_optax.grad_stats import (
     gradient_statistics,
     lora_matmul_with_stats,
     probe_fields,

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from invariance import gl_matrices, invariance_residual
 
 from lowrank_optax import LoRAPair
-from lowrank_optax.flax.grad_stats import lora_matmul_with_stats, stats_probe
+from lowrank_optax.grad_stats import lora_matmul_with_stats, stats_probe
 from lowrank_optax.solora import metric_sqrt, solora_adamw, solora_direction, solora_sgd
 
 M, N, R = 7, 6, 2
