@@ -3,6 +3,7 @@
 * every ```` ```python ```` block of the executed pages runs, each in a fresh namespace (a reader
   copies one block at a time), and carries its own ``assert``s;
 * ``doctest`` runs the ``>>>`` examples of every ``lowrank_optax`` module;
+* the API index lists every name the package exports;
 * ``mkdocs build --strict`` (warnings are errors) passes, when mkdocs is installed.
 """
 
@@ -63,6 +64,12 @@ def test_block_extraction_sees_failures():
         exec(compile("assert 1 + 1 == 3", "<block>", "exec"), {})  # noqa: S102
     text = "x\n```python\nassert False\n```\n```bash\nls\n```\n"
     assert PYTHON_BLOCK.findall(text) == ["assert False\n"]
+
+
+def test_api_index_lists_every_export():
+    index = (ROOT / "docs" / "api" / "index.md").read_text()
+    missing = [name for name in lowrank_optax.__all__ if f"`{name}`" not in index]
+    assert not missing, f"docs/api/index.md does not list {missing}"
 
 
 @pytest.mark.parametrize("module_name", library_modules())
