@@ -377,11 +377,10 @@ def scale_by_adams(
         require_params(params, "scale_by_adams")
         count = optax.safe_increment(state.count)
         if not robust:
-            def pair_fn(g, p, mu, nu):
-                return adams_step(g, LoRAPair(p.a, p.b), mu, nu, count)
-
-            new_updates, mu, nu = map_pairs(pair_fn, updates, params, state.mu, state.nu,
-                                            keys=keys)
+            new_updates, mu, nu = map_pairs(
+                lambda g, p, mu, nu: adams_step(g, p, mu, nu, count),
+                updates, params, state.mu, state.nu, keys=keys,
+            )
             return new_updates, ScaleByAdamSState(count, mu, nu, None)
 
         in_robust_phase = state.count < robust_steps
