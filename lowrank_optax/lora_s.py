@@ -68,6 +68,7 @@ __all__ = [
     "horizontal_lift",
     "lracs",
     "quotient_metric",
+    "racs_scales",
     "scale_by_adams",
     "scale_by_lracs",
     "sylvester_lift",
