@@ -27,6 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXECUTED_PAGES = [
     "docs/index.md",
     "docs/getting_started.md",
+    "docs/guide.md",
     "docs/methods/riemannian.md",
 ]
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
