@@ -172,6 +172,17 @@ def test_gradient_init_keeps_function_and_aligns_with_minus_gradient():
     assert np.linalg.norm(grads["lora_b"][...]) > 1e-3
 
 
+def test_inject_gradient_init_looks_gradients_up_by_path():
+    model = _Net(nnx.Rngs(0))
+    g = {f"blocks.{i}.mlp.fc": jax.random.normal(jax.random.key(i), (4, 4)) for i in range(3)}
+    inject_lora(model, [r"blocks\.\d+\.mlp\.fc"], rank=1, alpha=1.0, rngs=nnx.Rngs(1),
+                init="gradient", gradient=g)
+    for i in range(3):
+        layer = model.blocks[i].mlp["fc"]
+        np.testing.assert_allclose(layer.delta(), _top_r(-g[f"blocks.{i}.mlp.fc"], 1),
+                                   rtol=1e-4, atol=1e-6)
+
+
 def test_init_argument_errors():
     with pytest.raises(ValueError, match="init must be"):
         LoRALinear(_linear(), R, alpha=1.0, init="olora", rngs=nnx.Rngs(0))
@@ -326,3 +337,7 @@ def test_sharding_metadata():
     assert layer.lora_b.get_metadata("out_sharding") == (None, "model")
     specs = nnx.get_partition_spec(nnx.state(layer, nnx.LoRAParam))
     assert tuple(specs["lora_a"].get_value()) == ("data", None)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        layer = LoRALinear(_linear(), R, alpha=1.0, a_sharding=("data", None), rngs=nnx.Rngs(0))
+    assert layer.lora_a[...].sharding.spec == jax.sharding.PartitionSpec("data", None)
