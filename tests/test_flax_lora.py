@@ -192,7 +192,7 @@ def test_init_argument_errors():
         LoRALinear(_linear(), 7, alpha=1.0, init="pissa", rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("slices", [None, SLICES])
+@pytest.mark.parametrize("slices", [None, SLICES, SLICES[::-1]])
 @pytest.mark.parametrize("mode", [True, "full"])
 def test_grad_stats_probe_gradient_is_row_and_col_sums(slices, mode):
     base = _linear()
@@ -237,8 +237,8 @@ class _Block(nnx.Module):
 
 
 class _Net(nnx.Module):
-    def __init__(self, rngs):
-        self.blocks = nnx.List([_Block(rngs) for _ in range(3)])
+    def __init__(self, rngs, blocks=3):
+        self.blocks = nnx.List([_Block(rngs) for _ in range(blocks)])
         self.head = nnx.Linear(4, 1, rngs=rngs)
 
     def __call__(self, x):
@@ -280,7 +280,7 @@ def test_inject_errors():
     assert not any(True for _ in lora_modules(model))
 
 
-def _train(model, tx, x, y, steps=30):
+def _train(model, tx, x, y, steps=20):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
     loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)  # noqa: E731
 
@@ -295,7 +295,7 @@ def _train(model, tx, x, y, steps=30):
 
 @pytest.mark.parametrize("optimizer", ["scaled_adamw", "solora_sgd"])
 def test_nnx_optimizer_trains_only_lora_params(optimizer):
-    model = _Net(nnx.Rngs(0))
+    model = _Net(nnx.Rngs(0), blocks=2)
     grad_stats = optimizer == "solora_sgd"
     inject_lora(model, {r"blocks\.\d+\.attn": {"out_slices": [(0, 4), (8, 12)]},
                         r"blocks\.\d+\.mlp\.fc": {}},
@@ -341,3 +341,29 @@ def test_sharding_metadata():
     with jax.set_mesh(mesh):
         layer = LoRALinear(_linear(), R, alpha=1.0, a_sharding=("data", None), rngs=nnx.Rngs(0))
     assert layer.lora_a[...].sharding.spec == jax.sharding.PartitionSpec("data", None)
+
+
+@pytest.mark.parametrize("slices", [None, SLICES])
+def test_grad_stats_path_drops_the_lora_input_like_the_plain_path(slices):
+    x = _inputs()
+    layers = [LoRALinear(_linear(), R, alpha=2.0, dropout=0.5, out_slices=slices,
+                         grad_stats=stats, rngs=nnx.Rngs(0, dropout=5)) for stats in (False, True)]
+    for layer in layers:
+        _randomize_factors(layer)
+    plain, with_stats = (np.asarray(layer(x)) for layer in layers)
+    np.testing.assert_allclose(with_stats, plain, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(plain, np.asarray(layers[0](x, deterministic=True)))
+
+
+def test_bfloat16_kernel_keeps_its_dtype_through_init_and_merge():
+    base = _linear(dtype=jnp.bfloat16)
+    x = _inputs().astype(jnp.bfloat16)
+    before = np.asarray(base(x), np.float32)
+    layer = LoRALinear(base, R, alpha=2.0, init="pissa", rngs=nnx.Rngs(0))
+    assert base.kernel.dtype == jnp.bfloat16 and layer.lora_a.dtype == jnp.float32
+    adapted = np.asarray(layer(x), np.float32)
+    assert layer(x).dtype == jnp.bfloat16
+    np.testing.assert_allclose(adapted, before, atol=0.1)
+    merge_lora(layer)
+    assert base.kernel.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(layer(x), np.float32), adapted, atol=0.1)
