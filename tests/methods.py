@@ -14,12 +14,6 @@ from typing import Any
 import optax
 
 import lowrank_optax as lro
-from lowrank_optax import altlora as _altlora
-from lowrank_optax import lora_pro as _lora_pro
-from lowrank_optax import lora_rite as _lora_rite
-from lowrank_optax import lora_s as _lora_s
-from lowrank_optax import quotient as _quotient
-from lowrank_optax import solora as _solora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,31 +40,31 @@ def _loraplus_adamw(learning_rate, ratio=4.0):
 
 
 def _sylvester_lift_adam(learning_rate):
-    return _lora_s.sylvester_lift(optax.adam(learning_rate))
+    return lro.sylvester_lift(optax.adam(learning_rate))
 
 
 METHODS: list[Method] = [
     Method("scaled_sgd", lro.scaled_sgd, 0.3),
     Method("scaled_adamw", lro.scaled_adamw, 0.03),
     Method("loraplus_adamw", _loraplus_adamw, 0.03),
-    Method("altlora", _altlora.altlora, 0.1),
-    Method("altlora_plus", _altlora.altlora_plus, 0.1),
-    Method("lora_pro_sgd", _lora_pro.lora_pro_sgd, 0.3),
-    Method("lora_pro_adamw", _lora_pro.lora_pro_adamw, 0.05),
-    Method("lora_pro_adamw_factor", _lora_pro.lora_pro_adamw, 0.03, {"full_state": False}),
-    Method("lora_rite", _lora_rite.lora_rite, 0.03),
-    Method("lora_rite_global_escape_cap", _lora_rite.lora_rite, 0.03,
+    Method("altlora", lro.altlora, 0.1),
+    Method("altlora_plus", lro.altlora_plus, 0.1),
+    Method("lora_pro_sgd", lro.lora_pro_sgd, 0.3),
+    Method("lora_pro_adamw", lro.lora_pro_adamw, 0.05),
+    Method("lora_pro_adamw_factor", lro.lora_pro_adamw, 0.03, {"full_state": False}),
+    Method("lora_rite", lro.lora_rite, 0.03),
+    Method("lora_rite_global_escape_cap", lro.lora_rite, 0.03,
            {"clip_scope": "global", "apply_escape": True, "update_capping": 1.0}),
-    Method("solora_sgd", _solora.solora_sgd, 0.01),
-    Method("solora_adamw", _solora.solora_adamw, 0.03),
-    Method("solora_adamw_factor", _solora.solora_adamw, 0.03, {"moment": "factor"}),
-    Method("adams", _lora_s.adams, 0.03),
-    Method("adams_low_memory", _lora_s.adams, 0.03, {"low_memory": True}),
-    Method("adams_riemannian_robust", _lora_s.adams, 0.03,
+    Method("solora_sgd", lro.solora_sgd, 0.01),
+    Method("solora_adamw", lro.solora_adamw, 0.03),
+    Method("solora_adamw_factor", lro.solora_adamw, 0.03, {"moment": "factor"}),
+    Method("adams", lro.adams, 0.03),
+    Method("adams_low_memory", lro.adams, 0.03, {"low_memory": True}),
+    Method("adams_riemannian_robust", lro.adams, 0.03,
            {"riemannian_second_moment": True, "robust_steps": 20}),
-    Method("lracs", _lora_s.lracs, 0.03),
+    Method("lracs", lro.lracs, 0.03),
     Method("sylvester_lift_adam", _sylvester_lift_adam, 0.03),
-    Method("quotient_sgd", _quotient.quotient_sgd, 0.1, {"robust_steps": 10}),
+    Method("quotient_sgd", lro.quotient_sgd, 0.1, {"robust_steps": 10}),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}
