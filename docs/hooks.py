@@ -1,8 +1,9 @@
 """MkDocs hooks: pages written in parallel, and the reST cross-references of the docstrings.
 
 * Pages listed in ``PENDING_PAGES`` are written by other contributors and may not exist yet:
-  missing ones are dropped from the nav (logged) instead of failing ``mkdocs build --strict``.
-  Every other nav entry must exist.
+  missing ones are dropped from the nav, and Markdown links to them become their plain text
+  (both logged), instead of failing ``mkdocs build --strict``. Every other nav entry and link
+  must resolve.
 * The docstrings use Sphinx roles (``:func:`scale_by_adams```), which Markdown renders literally
   as ``:func:<code>scale_by_adams</code>``. Each becomes an optional mkdocs-autorefs reference to
   the documented object (resolved after all pages are built; a name that is not documented stays
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import posixpath
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -21,17 +23,8 @@ import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|obj):<code>~?([\w.]+)</code>")
 PACKAGE = "lowrank_optax"
-PENDING_PAGES = {
-    "flax.md",
-    "gpt2_example.md",
-    "multidevice.md",
-    "benchmarks.md",
-    "methods/lora_s.md",
-    "methods/altlora.md",
-    "methods/lora_pro.md",
-    "methods/lora_rite.md",
-    "methods/solora.md",
-}
+PENDING_PAGES = {"gpt2_example.md", "multidevice.md", "benchmarks.md"}
+LINK = re.compile(r"\[([^\]\n]+)\]\(([^)\s#]+\.md)(#[^)\s]*)?\)")
 log = logging.getLogger("mkdocs.hooks")
 
 
@@ -44,7 +37,7 @@ def _existing_nav(entries: list[Any], docs_dir: pathlib.Path) -> list[Any]:
             target = _existing_nav(target, docs_dir)
             if not target:
                 continue
-        elif target in PENDING_PAGES and not (docs_dir / target).exists():
+        elif _missing_pending(target, docs_dir):
             log.info("nav: %s is not written yet; left out", target)
             continue
         kept.append({title: target} if title is not None else target)
@@ -70,6 +63,24 @@ def _unique_names(package: griffe.Module) -> dict[str, str]:
     return {name: paths.pop() for name, paths in found.items() if len(paths) == 1}
 
 
+def _missing_pending(target: str, docs_dir: pathlib.Path) -> bool:
+    return target in PENDING_PAGES and not (docs_dir / target).exists()
+
+
+def unlink_missing_pages(markdown: str, page_path: str, docs_dir: pathlib.Path) -> str:
+    """``markdown`` with each link to a pending page that does not exist replaced by its text."""
+    base = posixpath.dirname(page_path)
+
+    def unlink(match: re.Match) -> str:
+        target = posixpath.normpath(posixpath.join(base, match[2]))
+        if not _missing_pending(target, docs_dir):
+            return match[0]
+        log.info("%s: link to %s (not written yet) left as text", page_path, target)
+        return match[1]
+
+    return LINK.sub(unlink, markdown)
+
+
 _OBJECTS: dict[str, str] = {}
 
 
@@ -86,6 +97,10 @@ def _reference(match: re.Match) -> str:
     identifier = name if name.startswith(f"{PACKAGE}.") else _OBJECTS.get(name, name)
     title = name.rsplit(".", 1)[-1] if name.startswith(f"{PACKAGE}.") else name
     return f'<autoref identifier="{identifier}" optional><code>{title}</code></autoref>'
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, **kwargs: Any) -> str:
+    return unlink_missing_pages(markdown, page.file.src_uri, pathlib.Path(config["docs_dir"]))
 
 
 def on_page_content(html: str, **kwargs: Any) -> str:
