@@ -28,6 +28,10 @@ LINK = re.compile(r"\[([^\]\n]+)\]\(([^)\s#]+\.md)(#[^)\s]*)?\)")
 log = logging.getLogger("mkdocs.hooks")
 
 
+def _missing_pending(target: str, docs_dir: pathlib.Path) -> bool:
+    return target in PENDING_PAGES and not (docs_dir / target).exists()
+
+
 def _existing_nav(entries: list[Any], docs_dir: pathlib.Path) -> list[Any]:
     """``entries`` without the pending pages that do not exist; sections left empty go too."""
     kept = []
@@ -61,10 +65,6 @@ def _unique_names(package: griffe.Module) -> dict[str, str]:
     for name, path in _defined_objects(package):
         found.setdefault(name, set()).add(path)
     return {name: paths.pop() for name, paths in found.items() if len(paths) == 1}
-
-
-def _missing_pending(target: str, docs_dir: pathlib.Path) -> bool:
-    return target in PENDING_PAGES and not (docs_dir / target).exists()
 
 
 def unlink_missing_pages(markdown: str, page_path: str, docs_dir: pathlib.Path) -> str:
