@@ -192,8 +192,8 @@ def test_init_argument_errors():
         LoRALinear(_linear(), 7, alpha=1.0, init="pissa", rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("slices", [None, SLICES, SLICES[::-1]])
-@pytest.mark.parametrize("mode", [True, "full"])
+@pytest.mark.parametrize(("slices", "mode"), [(None, True), (SLICES, "full"),
+                                              (SLICES[::-1], True)])
 def test_grad_stats_probe_gradient_is_row_and_col_sums(slices, mode):
     base = _linear()
     layer = LoRALinear(base, R, alpha=2.0, out_slices=slices, grad_stats=mode, rngs=nnx.Rngs(0))
@@ -367,3 +367,25 @@ def test_bfloat16_kernel_keeps_its_dtype_through_init_and_merge():
     merge_lora(layer)
     assert base.kernel.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(layer(x), np.float32), adapted, atol=0.1)
+
+
+def test_gpt2_q_and_v_slices_of_c_attn():
+    from lowrank_optax.models.gpt2 import GPT2, GPT2Config
+
+    config = GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                        layer_norm_epsilon=1e-5, embd_pdrop=0.0, attn_pdrop=0.0,
+                        resid_pdrop=0.0)
+    model = GPT2(config, rngs=nnx.Rngs(0))
+    ids = jnp.arange(6)[None] % 32
+    before = np.asarray(model(ids))
+    d = config.n_embd
+    paths = inject_lora(model, {r"h\.\d+\.attn\.c_attn": {"out_slices": [(0, d), (2 * d, 3 * d)]}},
+                        rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    assert paths == ["h.0.attn.c_attn"]
+    np.testing.assert_allclose(model(ids), before, rtol=1e-6, atol=1e-6)
+    for _, layer in lora_modules(model):
+        _randomize_factors(layer)
+    adapted = np.asarray(model(ids))
+    assert not np.allclose(adapted, before, atol=1e-3)
+    merge_lora(model)
+    np.testing.assert_allclose(model(ids), adapted, rtol=1e-4, atol=1e-4)
