@@ -259,7 +259,35 @@ def _town(rng: random.Random) -> str:
     return " ".join(line for line in lines if rng.random() < 0.8) or lines[0]
 
 
+def _guide(rng: random.Random) -> str:
+    """A local-guide paragraph about one place: slot vocabulary in free word order."""
+    name, near = rng.choice(NAMES), rng.choice(LANDMARKS)
+    kind, area = rng.choice(VALUES["eatType"]), rng.choice(VALUES["area"])
+    food = rng.choice(VALUES["food"]).replace("Fast food", "fast food")
+    price = rng.choice(VALUES["priceRange"])
+    rating = rng.choice(VALUES["customer rating"])
+    pool = [
+        f"If you are looking for {food} food in the {area}, try {name}.",
+        f"{name}, a {kind} close to {near}, was rated {rating} in a survey of customers.",
+        f"Prices at {name} are {rng.choice(_PRICE[price])}, and the price range is {price}.",
+        f"Locals call it {rng.choice(_PRICE[price])} for a {kind}.",
+        f"The {kind} can be found not far from {near}, in the {area} area.",
+        f"Its customer rating is {rating}, so opinions are {rng.choice(['mixed', 'clear'])}.",
+        f"Children are {rng.choice(['welcome', 'not allowed'])} here, the owners say.",
+        "Some say it is kid friendly; others call it a place for adults only.",
+        f"A family friendly {kind} named {name} opened near {near} last year.",
+        f"There are dishes from the {food} kitchen, and it offers a {price} menu.",
+        f"Located in the {area}, it serves {food} dishes every day.",
+        f"Customers rate the {kind}s near {near} {rating} on average.",
+        f"You can eat well at {name}, a venue that has {food} dishes and fair prices.",
+        f"It is an old {kind} called {name}, located by {near}.",
+        f"The {kind} welcomes groups and is suitable for a quick lunch, serving food all day.",
+    ]
+    return " ".join(rng.sample(pool, rng.randint(3, 6)))
+
+
 def make_pretraining_text(n_docs: int, seed: int) -> list[str]:
-    """``n_docs`` short documents: three reviews for every town description."""
+    """``n_docs`` short documents: 40% reviews, 40% guide paragraphs, 20% town descriptions."""
     rng = random.Random(seed)
-    return [_town(rng) if rng.random() < 0.25 else _review(rng) for _ in range(n_docs)]
+    makers = (_review, _review, _guide, _guide, _town)
+    return [rng.choice(makers)(rng) for _ in range(n_docs)]
