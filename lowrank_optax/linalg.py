@@ -20,6 +20,7 @@ __all__ = [
     "gram_b",
     "mT",
     "project_tangent",
+    "qr",
     "regularize",
     "solve_spd",
     "solve_spd_right",
@@ -42,6 +43,23 @@ def gram_a(a: jax.Array) -> jax.Array:
 def gram_b(b: jax.Array) -> jax.Array:
     """``b bᵀ``, shape ``(..., r, r)``, for ``b: (..., r, n)`` (the paper's ``Bᵀ B``)."""
     return jnp.einsum("...rn,...sn->...rs", b, b)
+
+
+def qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Thin QR factorisation ``x = q @ r`` (``jnp.linalg.qr``), also on ``Explicit`` meshes.
+
+    In jax 0.10 ``jnp.linalg.qr`` rejects a batch axis sharded on a mesh with ``Explicit`` axes
+    (an internal ``select`` gets an unsharded mask). There the factorisation runs with the mesh
+    axes made ``Auto``; ``q`` keeps the sharding of ``x`` and ``r`` its batch axes' sharding.
+    """
+    if not jax.sharding.get_abstract_mesh().explicit_axes:
+        return tuple(jnp.linalg.qr(x))
+    spec = jax.typeof(x).sharding.spec
+    spec = (*spec, *(None,) * (x.ndim - len(spec)))
+    r_spec = jax.sharding.PartitionSpec(*spec[:-2], None, None)
+    factor = jax.sharding.auto_axes(lambda y: tuple(jnp.linalg.qr(y)),
+                                    out_sharding=(jax.sharding.PartitionSpec(*spec), r_spec))
+    return factor(x)
 
 
 def regularize(s: jax.Array, delta: float | jax.Array) -> jax.Array:

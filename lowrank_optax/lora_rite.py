@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_optax.linalg import mT
+from lowrank_optax.linalg import mT, qr
 from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
@@ -106,8 +106,8 @@ class _Frames(NamedTuple):
 
 
 def _frames(p: LoRAPair) -> _Frames:
-    q_a, r_a = jnp.linalg.qr(p.a)
-    q_b, r_b = jnp.linalg.qr(p.b.T)
+    q_a, r_a = qr(p.a)
+    q_b, r_b = qr(p.b.T)
     return _Frames(q_a, q_b, jnp.linalg.pinv(r_a), jnp.linalg.pinv(r_b))
 
 

@@ -239,7 +239,7 @@ class ScaleByAdamSState(NamedTuple):
 
 def _orthonormal_basis(f: jax.Array) -> jax.Array:
     """``Q`` of the QR factorisation ``f = Q R`` with ``diag(R) ≥ 0`` (a function of ``f``)."""
-    q, r = jnp.linalg.qr(f)
+    q, r = linalg.qr(f)
     signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(q.dtype)
     return q * signs[..., None, :]
 

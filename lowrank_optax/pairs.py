@@ -16,6 +16,9 @@ full-gradient statistics probe (see ``lowrank_optax.flax``).
 * groups pairs whose arrays have identical types, stacks each group and ``vmap``s the per-pair
   function over the group and over every leading batch axis, so the r×r work of all same-shaped
   pairs runs as one batched computation and per-pair code is written for plain 2-D factors;
+* keeps shardings stable on a device mesh: updates are sharded like the gradients, new state
+  like the old state, and state made by :func:`init_pairs` like the factors (axis by axis), on
+  ``Auto`` meshes (eager calls; under ``jit`` pin ``out_shardings``) and ``Explicit`` ones;
 * passes holes (``optax.MaskedNode``, placeholders of ``optax.tree.map_params``) through.
 """
 
@@ -244,9 +247,15 @@ def _lift(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(compute_dtype(x.dtype)), tree)
 
 
+def _placement(x: Any) -> Any:
+    """The sharding of a concrete array (eager calls); under ``jit`` only the type is known."""
+    return None if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+
+
 def _signature(tree: Any) -> tuple[Any, ...]:
+    """Arrays with equal signatures are stacked together: same types, and same placements."""
     leaves, treedef = jax.tree.flatten(tree)
-    return (treedef, *(jax.typeof(x) for x in leaves))
+    return (treedef, *((jax.typeof(x), _placement(x)) for x in leaves))
 
 
 def _batched(fn: Callable, ndims: int) -> Callable:
@@ -255,7 +264,94 @@ def _batched(fn: Callable, ndims: int) -> Callable:
     return fn
 
 
-def _run_grouped(fn: Callable, args: list[tuple], batch_ndims: list[int]) -> list[Any]:
+OutSpecs = Callable[[tuple, Any], Any]
+
+
+def _explicit_mesh() -> bool:
+    """Whether the mesh set by ``jax.set_mesh`` has ``Explicit`` axes (shardings live in types)."""
+    return bool(jax.sharding.get_abstract_mesh().explicit_axes)
+
+
+def _spec(x: Any) -> tuple:
+    """The partition spec of ``x`` (its placement, else its type), one entry per dimension."""
+    sharding = _placement(x)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = tuple(sharding.spec) if sharding is not None else ()
+    return spec + (None,) * (jnp.ndim(x) - len(spec))
+
+
+def _axis_names(entry: Any) -> tuple:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _spec_by_dims(pair: LoRAPair, shape: tuple[int, ...]) -> jax.sharding.PartitionSpec:
+    """A spec for a per-pair array of ``shape``, from the factors' specs dimension by dimension.
+
+    Leading batch axes follow ``a``'s batch axes; a trailing axis of size ``m`` follows ``a``'s
+    ``m`` axis and one of size ``n`` follows ``b``'s ``n`` axis (each mesh axis used once), so an
+    ``(m, n)`` or ``(m,)`` state is sharded like the factors and ``r``-sized axes are replicated.
+    """
+    a_spec, b_spec = _spec(pair.a), _spec(pair.b)
+    batch = pair.a.shape[:-2]
+    lead = len(batch) if tuple(shape[: len(batch)]) == batch else 0
+    by_size = {pair.b.shape[-1]: b_spec[-1], pair.a.shape[-2]: a_spec[-2]}
+    entries = list(a_spec[:lead]) + [by_size.get(d) for d in shape[lead:]]
+    used: set = set()
+    for k, entry in enumerate(entries):
+        names = _axis_names(entry)
+        entries[k] = None if used & set(names) else entry
+        used |= set(names)
+    return jax.sharding.PartitionSpec(*entries)
+
+
+def _eager_mesh(args: tuple) -> jax.sharding.Mesh | None:
+    """The mesh of arguments that are all concrete, some placed by a ``NamedSharding``."""
+    leaves = jax.tree.leaves(args)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return None
+    meshes = [p.mesh for p in map(_placement, leaves) if isinstance(p, jax.sharding.NamedSharding)]
+    return meshes[0] if meshes else None
+
+
+def _call(fn: Callable, args: tuple, batch_ndim: int, out_specs: OutSpecs) -> Any:
+    """``fn(*args)``, its results sharded by ``out_specs`` wherever shardings are known.
+
+    ``out_specs`` keeps updates sharded like the gradients and state like the old state (new
+    state like the factors), so shardings are stable across steps. On concrete arrays placed on
+    a mesh (eager calls) the results are placed by ``out_specs``; under ``jit`` on an ``Auto``
+    mesh the compiler chooses (pin with ``out_shardings``). On a mesh with ``Explicit`` axes see
+    :func:`_call_explicit`.
+    """
+    if _explicit_mesh():
+        return _call_explicit(fn, args, batch_ndim, out_specs)
+    mesh = _eager_mesh(args)
+    out = fn(*args)
+    if mesh is None:
+        return out
+    specs = out_specs(args, out)
+    return jax.device_put(out, jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs))
+
+
+def _call_explicit(fn: Callable, args: tuple, batch_ndim: int, out_specs: OutSpecs) -> Any:
+    """``fn(*args)`` on a mesh with ``Explicit`` axes (shardings in types).
+
+    Per-pair math contracts over ``m`` and ``n`` (Gram matrices, projections), which explicit
+    sharding rejects as ambiguous when those axes are sharded. So the arguments are resharded to
+    keep only their batch axes sharded (an all-gather of the m×r / r×n arrays, and of any m×n
+    state, over the ``m``/``n`` mesh axes; the per-pair work then runs replicated over those
+    axes), and the results are resharded to ``out_specs``.
+    """
+    batch_only = lambda x: jax.sharding.PartitionSpec(  # noqa: E731
+        *_spec(x)[:batch_ndim], *(None,) * (jnp.ndim(x) - batch_ndim))
+    out = fn(*jax.tree.map(lambda x: jax.sharding.reshard(x, batch_only(x)), args))
+    return jax.sharding.reshard(out, out_specs(args, out))
+
+
+def _run_grouped(fn: Callable, args: list[tuple], batch_ndims: list[int],
+                 out_specs: OutSpecs) -> list[Any]:
     """``fn(*args[i])`` for every i, batched over groups of identically typed arguments."""
     groups: dict[Any, list[int]] = {}
     for i, (arg, nb) in enumerate(zip(args, batch_ndims)):
@@ -263,13 +359,39 @@ def _run_grouped(fn: Callable, args: list[tuple], batch_ndims: list[int]) -> lis
     results: list[Any] = [None] * len(args)
     for (nb, _), members in groups.items():
         if len(members) == 1:
-            results[members[0]] = _batched(fn, nb)(*args[members[0]])
+            results[members[0]] = _call(_batched(fn, nb), args[members[0]], nb, out_specs)
             continue
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(args[i] for i in members))
-        out = _batched(fn, nb + 1)(*stacked)
+        out = _call(_batched(fn, nb + 1), stacked, nb + 1, out_specs)
         for j, i in enumerate(members):
             results[i] = jax.tree.map(lambda x, j=j: x[j], out)
     return results
+
+
+def _init_specs(args: tuple, out: Any) -> Any:
+    """New per-pair state is sharded like the factors (see :func:`_spec_by_dims`)."""
+    return jax.tree.map(lambda o: _spec_by_dims(args[0], o.shape), out)
+
+
+def _partition(x: Any) -> jax.sharding.PartitionSpec:
+    return jax.sharding.PartitionSpec(*_spec(x))
+
+
+def _update_specs(args: tuple, out: Any) -> Any:
+    """Updates keep the gradients' shardings; new state keeps the old state's shardings."""
+    grads, params, *states = args
+    with_state = isinstance(out, (tuple, list)) and not isinstance(out, LoRAPair)
+    pair, *news = out if with_state else (out,)
+    by_dims = lambda tree: jax.tree.map(lambda o: _spec_by_dims(params, o.shape), tree)  # noqa: E731
+    pair_specs = LoRAPair(_partition(grads.a), _partition(grads.b), by_dims(pair.stats))
+    if not with_state:
+        return pair_specs
+    state_specs = [
+        jax.tree.map(lambda n, o: _partition(o), new, old)
+        if jax.tree.structure(new) == jax.tree.structure(old) else by_dims(new)
+        for new, old in zip(news, states)
+    ]
+    return type(out)([pair_specs, *state_specs])
 
 
 def _cast_like(new: Any, old: Any) -> Any:
@@ -304,7 +426,8 @@ def map_pairs(
         + tuple(items[i] for items in state_items)
         for i in live
     ]
-    outputs = _run_grouped(fn, args, [structure.pairs[i].a.ndim - 2 for i in live])
+    outputs = _run_grouped(fn, args, [structure.pairs[i].a.ndim - 2 for i in live],
+                           _update_specs)
     with_state = bool(states) or (outputs and not isinstance(outputs[0], LoRAPair))
     new_pairs: list[LoRAPair | None] = [None] * len(structure.pairs)
     new_states = [list(items) for items in state_items]
@@ -330,7 +453,8 @@ def init_pairs(fn: Callable[[LoRAPair], Any], params: Any, keys: PairKeys = DEFA
     structure = PairTree(params, keys, "params")
     live = [i for i, p in enumerate(structure.pairs) if p is not None]
     args = [(_lift(LoRAPair(structure.pairs[i].a, structure.pairs[i].b)),) for i in live]
-    outputs = _run_grouped(fn, args, [structure.pairs[i].a.ndim - 2 for i in live])
+    outputs = _run_grouped(fn, args, [structure.pairs[i].a.ndim - 2 for i in live],
+                           _init_specs)
     items: list[Any] = [None] * len(structure.pairs)
     for i, out in zip(live, outputs):
         items[i] = out
