@@ -8,7 +8,8 @@ imported::
 
 For each method it runs a few training steps of a small LoRA problem whose four pairs are
 sharded along ``m``, along ``n``, along both, and along a stacked-layer axis, and compares
-params, optimizer state and updates with the single-device run (to ``TOLERANCE``). The checks:
+params, optimizer state and updates with the single-device run, in float64 (see ``DTYPE``), to
+``TOLERANCE`` relative to each array's scale (see ``assert_close``). The checks:
 
 * ``jit_auto`` / ``eager_auto``: ``NamedSharding`` inputs on an ``Auto`` mesh, with and without
   ``jit``; every state array keeps the sharding ``init`` gave it;
@@ -17,7 +18,9 @@ params, optimizer state and updates with the single-device run (to ``TOLERANCE``
 * ``pmap`` / ``shard_map``: data-parallel steps, per-device gradients averaged by
   ``lax.pmean``, equal to the single-device full-batch step.
 
-It writes ``{method: {check: {"ok": bool, "detail": str}}}`` as JSON.
+It writes ``{method: {check: {"ok": bool, "detail": str, "seconds": float}}}`` as JSON after
+each method, and skips the methods already in ``--out`` (a rerun resumes). A passing check's
+detail says how much of the tolerance its largest error used.
 """
 
 from __future__ import annotations
