@@ -1,11 +1,11 @@
 """Same-shape optimizer step of PyTorch references (CPU) against our jitted update.
 
 Runs when the ``bench-peers`` packages import (``torch``, ``peft``, ``pytorch_optimizer``). The
-torch model is 24 blocks with separate ``q`` and ``v`` ``nn.Linear(1024, 1024)`` layers adapted by
-PEFT LoRA (``lora_A: (r, 1024)``, ``lora_B: (1024, r)``): the same 48 pairs as the GPT-2-medium
-q,v pair tree. Gradients are fixed random tensors; one timed torch call is ``optimizer.step()``,
-one timed call of ours is the jitted ``update`` + ``apply_updates``. Both run interleaved in one
-loop; the ratio is ours / theirs (below 1: ours is faster).
+torch model is ``layers`` blocks with separate ``q`` and ``v`` ``nn.Linear(d, d)`` layers adapted
+by PEFT LoRA (``lora_A: (r, d)``, ``lora_B: (d, r)``): the same pairs as the q,v pair tree.
+Gradients are fixed random tensors; one timed torch call is ``optimizer.step()``, one timed call
+of ours is the jitted ``update`` + ``apply_updates``. Both run interleaved in one loop; the ratio
+is ours / theirs (below 1: ours is faster).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import optax
@@ -39,6 +39,7 @@ class TreeSpec:
     layers: int
     d: int
     matrix_layers: int  # layers for m×n-state methods, timed also against dense adamw; 0: skip
+    ranks: tuple[int, ...] = ()  # overrides the run's ranks for this tree
 
 
 def baseline() -> optax.GradientTransformation:
@@ -61,9 +62,14 @@ class Setting:
 
 
 def measure_tree(
-    spec: TreeSpec, rank: int, methods: Sequence[Method], rounds: int, log=print
+    spec: TreeSpec, rank: int, methods: Sequence[Method], rounds: int, log=print,
+    on_row: Callable[[UpdateRow], None] = lambda row: None,
 ) -> list[UpdateRow]:
-    """Rows for every method on one tree at one rank; adamw runs interleaved with each."""
+    """Rows for every method on one tree at one rank; adamw runs interleaved with each.
+
+    ``on_row`` sees each row as soon as it is measured (the runner saves it, so that a run
+    that has to be restarted resumes after the last finished method).
+    """
     low_rank = Setting(spec, rank, spec.layers, dense=False)
     matrix_setting = None
     rows = []
@@ -101,6 +107,7 @@ def measure_tree(
         log(f"  {spec.name} r={rank} {method.name}: {row.ratio:.2f}× adamw{dense_note} "
             f"({row.method_ms:.1f} ms), compile {row.compile_s:.1f} s")
         rows.append(row)
+        on_row(row)
         del step, fns
         gc.collect()
     return rows

@@ -128,6 +128,6 @@ def test_report_checks_targets(tmp_path):
            "update": [row("fast", 1.2), row("slow", 1.4), row("dense", 9.0, dense=1.1)]}
     report.write(raw, tmp_path)
     text = (tmp_path / "results.md").read_text()
-    assert "reached except 1 cases: slow (q,v, r=4: 1.40×)" in text
+    assert "not reached in 1 of 2 measured cases: slow (q,v, r=4: 1.40×)" in text
     assert "m×n-state methods ≤ 1.3× dense adamw: reached everywhere" in text
     assert (tmp_path / "update_cost.png").stat().st_size > 0
