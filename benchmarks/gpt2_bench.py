@@ -29,7 +29,7 @@ from flax import nnx
 
 from benchmarks import harness
 from lowrank_optax.flax import inject_lora
-from lowrank_optax.models import GPT2Tokenizer, e2e, load_gpt2
+from lowrank_optax.models import GPT2, GPT2Config, GPT2Tokenizer, e2e, load_gpt2
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "gpt2"
 RANK, ALPHA, BATCH, MAX_LEN, SEED = 4, 32.0, 8, 128, 0
@@ -88,11 +88,20 @@ def target_loss(model, batch: tuple[jax.Array, ...], capacity: int) -> jax.Array
     return (ce * w).sum() / w.sum()
 
 
-class Trainer:
-    """Fresh LoRA factors on the example model and one compiled train step for ``tx``."""
+def base_model(preset: str | None) -> GPT2:
+    """The bundled example model, or a randomly initialised GPT-2 of a named ``preset``
+    (``"medium"``: the papers' shapes; the step's cost does not depend on the weights)."""
+    if preset is None:
+        return load_gpt2(EXAMPLE / "checkpoint", rngs=nnx.Rngs(SEED))
+    return GPT2(GPT2Config.preset(preset), rngs=nnx.Rngs(SEED))
 
-    def __init__(self, tx: optax.GradientTransformation, data: tuple[np.ndarray, ...]):
-        model = load_gpt2(EXAMPLE / "checkpoint", rngs=nnx.Rngs(SEED))
+
+class Trainer:
+    """Fresh LoRA factors on the base model and one compiled train step for ``tx``."""
+
+    def __init__(self, tx: optax.GradientTransformation, data: tuple[np.ndarray, ...],
+                 preset: str | None = None):
+        model = base_model(preset)
         d = model.config.n_embd
         targets = {r"h\.\d+\.attn\.c_attn": {"out_slices": [(0, d), (2 * d, 3 * d)]}}
         inject_lora(model, targets, rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(SEED + 1))
@@ -138,13 +147,14 @@ class Trainer:
 
 
 def measure_steps(
-    methods: Sequence[tuple[str, Callable, dict]], rounds: int, data, log=print
+    methods: Sequence[tuple[str, Callable, dict]], rounds: int, data, log=print,
+    preset: str | None = None,
 ) -> tuple[list[TrainStepRow], dict[str, Trainer]]:
     """Step time of every method against adamw, all interleaved in one loop (adamw once per
     round); returns the trainers, reused by the sweep."""
-    trainers = {"adamw": Trainer(optimizer(adamw_factory, {}), data)}
+    trainers = {"adamw": Trainer(optimizer(adamw_factory, {}), data, preset)}
     for name, factory, kwargs in methods:
-        trainers[name] = Trainer(optimizer(factory, kwargs), data)
+        trainers[name] = Trainer(optimizer(factory, kwargs), data, preset)
         log(f"  compiled train step {name} in {trainers[name].compile_seconds:.1f} s")
     times = harness.interleaved_times({n: t.timed_step for n, t in trainers.items()}, rounds)
     rows = []

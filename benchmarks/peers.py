@@ -45,7 +45,15 @@ def versions() -> dict[str, str] | None:
     return {name: importlib.metadata.version(name) for name in PACKAGES}
 
 
-def _torch_model(rank: int, layers: int, d: int):
+def torch_device() -> str:
+    """``"cuda"`` when jax runs on a GPU and torch sees one too, else ``"cpu"``."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_model(rank: int, layers: int, d: int, device: str):
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -62,6 +70,7 @@ def _torch_model(rank: int, layers: int, d: int):
 
     torch.manual_seed(0)
     model = get_peft_model(Net(), LoraConfig(r=rank, lora_alpha=32, target_modules=["q", "v"]))
+    model = model.to(device)
     for p in model.parameters():
         if p.requires_grad:
             with torch.no_grad():
@@ -105,17 +114,24 @@ def measure(ranks, rounds: int, layers: int = harness.N_LAYERS, d: int = harness
             log=print) -> list[PeerRow]:
     import torch
 
+    device = torch_device()
     torch.set_num_threads(1)  # tiny tensors; OpenMP workers only spin on a shared CPU
     rows = []
     for rank in ranks:
-        model = _torch_model(rank, layers, d)
+        model = _torch_model(rank, layers, d, device)
         params = harness.pair_tree(rank, all_four=False, layers=layers, d=d)
         grads = harness.gradients_like(params)
         for peer, (ours, build) in _peer_optimizers(model).items():
             opt = build()
             step = harness.update_step(_ours(ours), params, grads)
+
+            def peer_step(opt=opt):
+                opt.step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
             with torch.no_grad():
-                times = harness.interleaved_times({"ours": step, "peer": opt.step}, rounds)
+                times = harness.interleaved_times({"ours": step, "peer": peer_step}, rounds)
             row = PeerRow(rank, peer, ours, harness.median_ratio(times, "ours", "peer"),
                           1e3 * float(np.median(times["ours"])),
                           1e3 * float(np.median(times["peer"])))
