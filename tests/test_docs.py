@@ -97,43 +97,6 @@ def test_docstring_examples(module_name):
     assert results.failed == 0, f"{results.failed} docstring example(s) failed in {module_name}"
 
 
-def load_hooks():
-    pytest.importorskip("griffe")
-    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
-    return hooks
-
-
-def test_nav_leaves_out_only_pending_pages_that_are_missing(tmp_path):
-    hooks = load_hooks()
-    (tmp_path / "index.md").write_text("# x")
-    (tmp_path / "benchmarks.md").write_text("# x")
-    nav = [
-        {"Home": "index.md"},
-        {"Benchmarks": "benchmarks.md"},
-        {"Multi-device": "multidevice.md"},
-        {"Typo": "gettting_started.md"},
-        {"Examples": [{"GPT-2": "gpt2_example.md"}]},
-    ]
-    assert hooks._existing_nav(nav, tmp_path) == [
-        {"Home": "index.md"},
-        {"Benchmarks": "benchmarks.md"},
-        {"Typo": "gettting_started.md"},  # not pending: mkdocs --strict reports it
-    ]
-
-
-def test_links_to_missing_pending_pages_become_text(tmp_path):
-    hooks = load_hooks()
-    (tmp_path / "benchmarks.md").write_text("# x")
-    text = ("[bench](../benchmarks.md#update-cost), [multi](../multidevice.md), "
-            "[typo](../gettting_started.md), [guide](../guide.md)")
-    assert hooks.unlink_missing_pages(text, "methods/lora_s.md", tmp_path) == (
-        "[bench](../benchmarks.md#update-cost), multi, "
-        "[typo](../gettting_started.md), [guide](../guide.md)"
-    )
-
-
 def yaml_nav_targets() -> set[str]:
     yaml = pytest.importorskip("yaml")
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
@@ -146,11 +109,10 @@ def yaml_nav_targets() -> set[str]:
     return set(targets(config["nav"]))
 
 
-def test_every_page_outside_the_pending_set_is_in_the_nav():
-    hooks = load_hooks()
+def test_every_page_is_in_the_nav():
     config = yaml_nav_targets()
     pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
-    assert pages - hooks.PENDING_PAGES <= config, sorted(pages - hooks.PENDING_PAGES - config)
+    assert pages <= config, sorted(pages - config)
 
 
 def test_mkdocs_build_strict(tmp_path):

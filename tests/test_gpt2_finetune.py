@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gpt2"
 
@@ -141,3 +143,43 @@ def test_lora_targets_are_q_and_v_of_c_attn(finetune, tmp_path):
     x = base.ln_f(base.wte(tokens))
     diff = np.abs(model.h[0].attn.c_attn(x) - base.h[0].attn.c_attn(x)).max(axis=(0, 1))
     assert diff[:d].min() > 0 and diff[d : 2 * d].max() == 0 and diff[2 * d :].min() > 0
+
+
+def test_solora_reads_exact_statistics_of_the_full_gradient(finetune):
+    """SoLoRA's layers carry probes whose gradient is rowsum/colsum(G⊙G) of the q and v slices
+    of each c_attn's full weight gradient G (checked against G from differentiating the kernel);
+    the factors and the loss are those of the probe-free model (also at --rank/--alpha)."""
+    assert finetune.OPTIMIZERS["solora_adamw"].grad_stats
+    args = finetune.parse_args(["--rank", "2", "--alpha", "8"])
+    plain, probed = finetune.lora_model(args), finetune.lora_model(args, grad_stats=True)
+    layer = probed.lora["h"][0]["attn"]["c_attn"]
+    assert layer["lora_a"].shape == (2, 128, 2) and set(layer["lora_stats"]) == {"row", "col"}
+    np.testing.assert_array_equal(layer["lora_a"], plain.lora["h"][0]["attn"]["c_attn"]["lora_a"])
+
+    tokenizer = finetune.GPT2Tokenizer.load(args.checkpoint)
+    pairs = finetune.e2e.encode_pairs(tokenizer, finetune.e2e.read_split(args.data, "train")[:16])
+    batch = next(finetune.e2e.batches(finetune.e2e.pack(pairs, 64), 4, 0))
+    capacity, key = finetune.head_capacity(batch[2]), jax.random.key(0)
+    batch = tuple(map(jnp.asarray, batch))
+    loss, grads = finetune.loss_and_grad(probed.graphdef, probed.lora, probed.frozen, batch, key,
+                                         0, capacity)
+    plain_loss, plain_grads = finetune.loss_and_grad(plain.graphdef, plain.lora, plain.frozen,
+                                                     batch, key, 0, capacity)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+    for name in ("lora_a", "lora_b"):
+        np.testing.assert_allclose(grads["h"][0]["attn"]["c_attn"][name],
+                                   plain_grads["h"][0]["attn"]["c_attn"][name],
+                                   rtol=1e-4, atol=1e-7)
+
+    model = nnx.merge(plain.graphdef, plain.lora, plain.frozen)
+    nnx.reseed(model, dropout=jax.random.fold_in(key, 0))
+    kernel_grads = nnx.grad(finetune.target_loss, argnums=nnx.DiffState(0, nnx.Param))(
+        model, batch, capacity)
+    g = np.asarray(kernel_grads["h"][0]["attn"]["c_attn"]["base"]["kernel"][...], np.float64)
+    d = g.shape[0]
+    stats = grads["h"][0]["attn"]["c_attn"]["lora_stats"]
+    for p, cols in enumerate((slice(0, d), slice(2 * d, 3 * d))):  # the q and v slices
+        np.testing.assert_allclose(stats["row"][p], (g[:, cols] ** 2).sum(axis=1), rtol=1e-4,
+                                   atol=1e-12)
+        np.testing.assert_allclose(stats["col"][p], (g[:, cols] ** 2).sum(axis=0), rtol=1e-4,
+                                   atol=1e-12)

@@ -42,8 +42,14 @@ def test_finds_pairs_in_dicts_pairs_and_custom_keys():
     ],
 )
 def test_errors_name_path_and_shapes(tree, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
         PairTree(tree)
+    path = "['bias']" if "bias" in tree else "['x']"
+    assert path in str(err.value), str(err.value)
+    pair = tree["x"]
+    if all(hasattr(pair[k], "shape") for k in ("lora_a", "lora_b")) and "bias" not in tree:
+        shapes = f"a {pair['lora_a'].shape}, b {pair['lora_b'].shape}"
+        assert shapes in str(err.value), str(err.value)
 
 
 def test_update_without_params_is_a_clear_error():

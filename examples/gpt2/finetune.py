@@ -53,12 +53,14 @@ WARMUP_STEPS = 10
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-    """A learning rate, extra keyword arguments and (if not ``lowrank_optax.<name>``) a factory
-    ``factory(learning_rate, **kwargs)`` for one optimizer."""
+    """A learning rate, extra keyword arguments, (if not ``lowrank_optax.<name>``) a factory
+    ``factory(learning_rate, **kwargs)`` and whether the optimizer reads the exact full-gradient
+    statistics of :mod:`lowrank_optax.grad_stats` (its model's LoRA layers then carry a probe)."""
 
     learning_rate: float
     kwargs: dict = dataclasses.field(default_factory=dict)
     factory: Callable[..., optax.GradientTransformation] | None = None
+    grad_stats: bool = False
 
 
 def _adamw(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
@@ -88,7 +90,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "altlora": OptimizerSpec(3.0),
     "lora_rite": OptimizerSpec(3e-3),
     "lora_pro_adamw": OptimizerSpec(1e-2),
-    "solora_adamw": OptimizerSpec(1e-2, {"moment": "factor"}),
+    "solora_adamw": OptimizerSpec(1e-2, {"moment": "factor"}, grad_stats=True),
 }
 
 
@@ -219,12 +221,15 @@ class LoRAModel:
         return jax.device_put(batch, NamedSharding(self.mesh, P("data")))
 
 
-def lora_model(args: argparse.Namespace) -> LoRAModel:
+def lora_model(args: argparse.Namespace, grad_stats: bool = False) -> LoRAModel:
     """Load the base model and add factors on the q and v slices of every ``c_attn``.
 
     With a mesh the factors carry sharding metadata — ``lora_a`` ``(2, in, r)`` split along
     ``in`` and ``lora_b`` ``(2, r, out)`` along ``out`` over the ``model`` axis — and are
-    created sharded; the frozen weights are replicated.
+    created sharded; the frozen weights are replicated. With ``grad_stats`` every pair also
+    gets a statistics probe (``lora_stats``, replicated): its gradient is the row and column
+    sums of ``G⊙G`` of the slice's full weight gradient ``G``, reduced inside the backward pass
+    (SoLoRA's exact metric). The factors are the same as without it (same seeds).
     """
     mesh = make_mesh(args.mesh)
     model = load_gpt2(args.checkpoint, rngs=nnx.Rngs(args.seed))
@@ -240,6 +245,7 @@ def lora_model(args: argparse.Namespace) -> LoRAModel:
             rank=args.rank,
             alpha=args.alpha,
             rngs=nnx.Rngs(args.seed + 1),
+            grad_stats=grad_stats,
             **sharding,
         )
     model.train()
@@ -247,7 +253,9 @@ def lora_model(args: argparse.Namespace) -> LoRAModel:
     lora = nnx.as_pure(lora)
     if mesh is not None:
         frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
-    return LoRAModel(graphdef, lora, frozen, mesh)
+    setup = LoRAModel(graphdef, lora, frozen, mesh)
+    setup.lora = setup.replicate_loose(lora)  # the probes carry no sharding metadata
+    return setup
 
 
 def target_loss(model: GPT2, batch: tuple[jax.Array, ...], capacity: int) -> jax.Array:
@@ -559,11 +567,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if groups:  # b = 0: the factors leave the base model's function unchanged
         _, scores = evaluate(setup.module(setup.lora), tokenizer, groups, args, timer)
         results.append(Result("base model (no fine-tuning)", None, [], scores, 0.0))
+    setups = {False: setup}
     for name, lr in chosen.items():
-        run = train(name, lr, setup, args, data, timer)
+        stats = OPTIMIZERS[name].grad_stats
+        if stats not in setups:
+            with timer.phase("setup"):
+                setups[stats] = lora_model(args, grad_stats=stats)
+        run = train(name, lr, setups[stats], args, data, timer)
         scores = None
         if groups:
-            hyps, scores = evaluate(setup.module(run.lora), tokenizer, groups, args, timer)
+            model = setups[stats].module(run.lora)
+            hyps, scores = evaluate(model, tokenizer, groups, args, timer)
             samples = [f"{src}\n  -> {hyp}\n" for (src, _), hyp in zip(groups, hyps, strict=True)]
             (args.out / f"samples_{name}.txt").write_text("\n".join(samples))
         results.append(Result(name, lr, run.losses, scores, run.seconds))

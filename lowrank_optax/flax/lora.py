@@ -128,8 +128,9 @@ class LoRALinear(nnx.Module):
       out_slices: ``[(start, stop), ...]`` column slices of a fused projection that get their
         own pair (e.g. q and v of GPT-2's ``c_attn``: ``[(0, d), (2d, 3d)]``); all of one
         width, non-overlapping. ``lora_a`` is then ``(P, in, r)`` and ``lora_b`` ``(P, r, w)``.
-      grad_stats: ``True`` adds a statistics probe ``lora_stats`` (``{"row", "col"}``, see
-        :mod:`lowrank_optax.grad_stats`) whose gradient is ``rowsum(G⊙G)`` / ``colsum(G⊙G)``
+      grad_stats: ``True`` adds a statistics probe ``lora_stats`` (an ``nnx.Dict``
+        ``{"row", "col"}`` of ``nnx.LoRAParam``, see :mod:`lowrank_optax.grad_stats`) whose
+        gradient is ``rowsum(G⊙G)`` / ``colsum(G⊙G)``
         of this layer's (per-slice) weight gradient ``G``; ``"full"`` adds ``G`` itself
         (``"grad"``). The projection then runs through
         :func:`~lowrank_optax.grad_stats.lora_matmul_with_stats` with the kernel and bias read
@@ -201,7 +202,9 @@ class LoRALinear(nnx.Module):
         self.lora_b = nnx.LoRAParam(b.astype(param_dtype), **_sharding(b_sharding))
         if grad_stats:
             probe = stats_probe(in_features, width, batch, full_gradient=grad_stats == "full")
-            self.lora_stats = nnx.LoRAParam(probe)
+            # one Variable per array, so the pure-state round trip (nnx.split, nnx.as_pure,
+            # nnx.merge) keeps one leaf per Variable
+            self.lora_stats = nnx.Dict({k: nnx.LoRAParam(v) for k, v in probe.items()})
 
     @property
     def _width(self) -> int:
@@ -246,7 +249,8 @@ class LoRALinear(nnx.Module):
         dtype = getattr(self.base, "dtype", None)
         if dtype is not None:
             x, z, kernel = x.astype(dtype), z.astype(dtype), kernel.astype(dtype)
-        a, b, probe = self.lora_a[...], self.lora_b[...], self.lora_stats.get_value()
+        a, b = self.lora_a[...], self.lora_b[...]
+        probe = {k: v[...] for k, v in self.lora_stats.items()}
         if self.out_slices is None:
             y = lora_matmul_with_stats(x, kernel, a, b, self.scale, probe, lora_input=z)
         else:
