@@ -176,7 +176,7 @@ def peers_table(peers: dict) -> str:
 
 def targets(raw: dict) -> str:
     lines = []
-    if "update" in raw:
+    if raw.get("update"):
         rows = raw["update"]
         lowrank = [r for r in rows if not r["matrix_state"]]
         over = sorted({f"{r['method']} ({r['tree']}, r={r['rank']}: {r['ratio']:.2f}×)"
@@ -231,7 +231,7 @@ def write(raw: dict, out: pathlib.Path) -> None:
              *([raw["provenance"], ""] if raw.get("provenance") else []),
              "## How it is measured", "",
              GPU_METHOD_NOTE if on_gpu(raw["environment"]) else METHOD_NOTE]
-    if "update" in raw:
+    if raw.get("update"):
         hung = raw.get("update_hung") or []
         hung_note = ("*hung*: the child stopped (no progress for 50 s: the XLA:CPU hang above) "
                      "while measuring, and its restart skipped: " + "; ".join(
@@ -331,7 +331,7 @@ def plot(raw: dict, out: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if "update" in raw:
+    if raw.get("update"):
         trees = list(dict.fromkeys(r["tree"] for r in raw["update"]))
         fig, axes = plt.subplots(len(trees), 1, figsize=(12, 4.5 * len(trees)), squeeze=False)
         for ax, tree in zip(axes[:, 0], trees):

@@ -113,6 +113,8 @@ class _Hyper(NamedTuple):
     scale: Any
     delta: Any
     second_moment: bool
+    reference_code: bool
+    learning_rate: Any  # this call's learning rate (joint mode), else None
 
 
 def _moment_step(pre, mu, nu, transported, k, hp: _Hyper):
@@ -120,14 +122,24 @@ def _moment_step(pre, mu, nu, transported, k, hp: _Hyper):
     # Decays in the compute dtype, so (1 − β) and the bias correction (1 − βᵏ) agree exactly.
     b1, b2 = (jnp.asarray(x, pre.dtype) for x in (hp.b1, hp.b2))
     aligned = b1 * transported + (1 - b1) * pre
+    k = k.astype(pre.dtype)
     if not hp.second_moment:
-        return aligned, aligned, None
+        direction = aligned / (1 - b1**k) if hp.reference_code else aligned
+        return direction, aligned, None
     nu = b2 * nu + (1 - b2) * jnp.square(pre)
     stored = b1 * mu + (1 - b1) * pre
-    k = k.astype(pre.dtype)
     m_hat = aligned / (1 - b1**k)
-    v_hat = nu / (1 - b2**k)
+    v_hat = nu if hp.reference_code else nu / (1 - b2**k)
     return m_hat / (jnp.sqrt(v_hat) + hp.eps), stored, nu
+
+
+def _with_decay(direction, param, hp: _Hyper):
+    """Weight decay γ: in the step, ``u + γ·param`` (Algorithm 1), or (``reference_code``) as the
+    official code applies it after the step to the updated factor:
+    ``param − lr·u − lr·γ·(param − lr·u) = param − lr·(u + γ·(param − lr·u))``."""
+    if hp.reference_code:
+        return direction + hp.weight_decay * (param - hp.learning_rate * direction)
+    return direction + hp.weight_decay * param
 
 
 def _a_step(g, p, mu, nu, anchor, k, hp: _Hyper):
@@ -136,7 +148,7 @@ def _a_step(g, p, mu, nu, anchor, k, hp: _Hyper):
     transported = linalg.solve_spd_right(mu.a @ (anchor.b @ p.b.T), gram, hp.delta)
     nu_a = None if nu is None else nu.a
     direction, new_mu, new_nu = _moment_step(pre, mu.a, nu_a, transported, k, hp)
-    return direction + hp.weight_decay * p.a, new_mu, new_nu
+    return _with_decay(direction, p.a, hp), new_mu, new_nu
 
 
 def _b_step(g, a, b, mu, nu, anchor, k, hp: _Hyper):
@@ -145,17 +157,17 @@ def _b_step(g, a, b, mu, nu, anchor, k, hp: _Hyper):
     transported = linalg.solve_spd(gram, (a.T @ anchor.a) @ mu.b, hp.delta)
     nu_b = None if nu is None else nu.b
     direction, new_mu, new_nu = _moment_step(pre, mu.b, nu_b, transported, k, hp)
-    return direction + hp.weight_decay * b, new_mu, new_nu
+    return _with_decay(direction, b, hp), new_mu, new_nu
 
 
 def _select(flag, new, old):
     return None if new is None else jnp.where(flag, new, old)
 
 
-def _pair_update(g, p, mu, nu, anchor, *, a_active, b_active, k, joint_lr, hp: _Hyper):
+def _pair_update(g, p, mu, nu, anchor, *, a_active, b_active, k, hp: _Hyper):
     u_a, mu_a, nu_a = _a_step(g, p, mu, nu, anchor, k, hp)
     # Joint mode (official code): b is preconditioned with the already-updated a.
-    a_next = p.a if joint_lr is None else p.a - joint_lr * u_a
+    a_next = p.a if hp.learning_rate is None else p.a - hp.learning_rate * u_a
     u_b, mu_b, nu_b = _b_step(g, a_next, p.b, mu, nu, anchor, k, hp)
     updates = LoRAPair(
         jnp.where(a_active, u_a, 0.0 * g.a), jnp.where(b_active, u_b, 0.0 * g.b)
@@ -185,6 +197,7 @@ def scale_by_altlora(
     b2: float = 0.999,
     eps: float = 1e-8,
     joint: bool = False,
+    reference_code: bool = False,
     learning_rate: optax.ScalarOrSchedule | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
@@ -211,9 +224,15 @@ def scale_by_altlora(
     **Joint mode** (``joint=True``) reproduces the official code's default (``alt=False``):
     both factors move on every call from ONE gradient; a first, then b preconditioned with the
     updated ``a₊ = a − lr·u_a`` (the b-gradient stays the one at ``W_t``). It needs
-    ``learning_rate`` to form ``a₊``. To match the code further use ``scale=1`` (the code has no
-    ``1/s²``); the code's bias correction ``1/(1−β1ᵗ)`` and weight decay applied after the step
-    are not reproduced (Algorithm 1's forms are used).
+    ``learning_rate`` to form ``a₊``. By default the moments, bias correction and weight decay
+    are Algorithm 1's (and AltLoRA+'s as decided above).
+
+    **Reference-code mode** (``reference_code=True``, with ``joint=True``) reproduces the
+    official code's step exactly, to reproduce published numbers: momentum divided by
+    ``1 − β1ᵗ`` (global step ``t``; AltLoRA too), AltLoRA+'s ``v`` not bias-corrected, and weight
+    decay applied after the step to the updated factor (``a₊`` includes it). Also pass
+    ``scale=1`` (the code has no ``1/s²``) and ``delta=1e-5`` (its ``reg``); the AltLoRA runs
+    used ``eps=1e-4`` for AltLoRA+. The code's block alternation (``alt=True``) is not provided.
 
     Args:
       b1: momentum coefficient β1, default 0.9 (paper). ``b1=0`` gives momentum-free AltLoRA.
@@ -231,6 +250,7 @@ def scale_by_altlora(
       b2: AltLoRA+'s second-moment decay, default 0.999 (paper's setting).
       eps: AltLoRA+'s denominator constant, default 1e-8 (Adam's; the official runs use 1e-4).
       joint: both factors per call (official code default), see above.
+      reference_code: the official code's bias correction and weight decay (needs ``joint``).
       learning_rate: float or schedule; required by ``joint=True`` only.
       keys: mapping keys of the factors in the tree.
 
@@ -241,6 +261,9 @@ def scale_by_altlora(
         raise ValueError(f"order must be 'b_first' or 'a_first', got {order!r}")
     if joint and learning_rate is None:
         raise ValueError("scale_by_altlora(joint=True) needs learning_rate to form the new a")
+    if reference_code and not joint:
+        raise ValueError("reference_code=True reproduces the official code's default step, "
+                         "which moves both factors per call: pass joint=True")
     schedule = _JOINT if joint else (_B_FIRST if order == "b_first" else _A_FIRST)
 
     def init_fn(params):
@@ -260,12 +283,13 @@ def scale_by_altlora(
         joint_lr = None
         if joint:
             joint_lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        hp = _Hyper(b1, b2, eps, weight_decay, scale, delta, second_moment)
+        hp = _Hyper(b1, b2, eps, weight_decay, scale, delta, second_moment, reference_code,
+                    joint_lr)
 
         def fn(g, p, mu, *rest):
             nu, anchor = rest if second_moment else (None, rest[0])
             return _pair_update(g, p, mu, nu, anchor, a_active=a_active, b_active=b_active,
-                                k=k, joint_lr=joint_lr, hp=hp)
+                                k=k, hp=hp)
 
         moment_trees = (state.mu, state.nu) if second_moment else (state.mu,)
         new_updates, *new_trees = map_pairs(fn, updates, params, *moment_trees, state.anchor,
@@ -291,6 +315,7 @@ def altlora(
     scale: float = 1.0,
     delta: float = 1e-6,
     joint: bool = False,
+    reference_code: bool = False,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """AltLoRA (Algorithm 1): one factor per ``update`` call, aligned momentum, no bias correction.
@@ -308,6 +333,8 @@ def altlora(
       scale: LoRA scale ``s`` (default 1.0), see :func:`scale_by_altlora`.
       delta: Gram regulariser, default 1e-6.
       joint: both factors per call as in the official code (see :func:`scale_by_altlora`).
+      reference_code: with ``joint``, the official code's exact step (bias correction, weight
+        decay after the step; see :func:`scale_by_altlora`).
       keys: mapping keys of the factors in the tree.
 
     Example::
@@ -322,7 +349,7 @@ def altlora(
     """
     return optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta, joint=joint,
-                         learning_rate=learning_rate, keys=keys),
+                         reference_code=reference_code, learning_rate=learning_rate, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -338,6 +365,7 @@ def altlora_plus(
     scale: float = 1.0,
     delta: float = 1e-6,
     joint: bool = False,
+    reference_code: bool = False,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """AltLoRA+: AltLoRA with an elementwise second moment (official code's rule).
@@ -349,11 +377,11 @@ def altlora_plus(
       learning_rate: a float or an ``optax.Schedule``.
       b1, b2, eps: moment decays and denominator constant (defaults as ``optax.adam``).
       weight_decay: γ on the active factor, default 0.
-      order, scale, delta, joint, keys: as :func:`altlora`.
+      order, scale, delta, joint, reference_code, keys: as :func:`altlora`.
     """
     return optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta,
                          second_moment=True, b2=b2, eps=eps, joint=joint,
-                         learning_rate=learning_rate, keys=keys),
+                         reference_code=reference_code, learning_rate=learning_rate, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -126,6 +126,69 @@ def test_matches_algorithm_1_transcription(case):
     assert not np.allclose(expected[0], big_a) and not np.allclose(expected[1], big_b)
 
 
+def _official_code(big_a, big_b, full_grad, steps, lr, *, b1=0.9, wd=0.0, reg=1e-5, s=1.0,
+                   plus=False, b2=0.999, eps=1e-8):
+    """The official AltLoRA code's default step (``alt=False``), as REFERENCE_CODE_NOTES §4a/4b
+    describe ``optimizer_new.py``: both factors from one backward pass, A first, B with the
+    updated A; ``inverse(Gram + reg I)``, no 1/s², momentum divided by 1 − β1ᵗ (global step),
+    AltLoRA+'s v uncorrected, weight decay after the step on the updated factor."""
+    eye = np.eye(R)
+    m_a, m_b = np.zeros_like(big_a), np.zeros_like(big_b)
+    v_a, v_b = np.zeros_like(big_a), np.zeros_like(big_b)
+    b_old, a_old = np.zeros_like(big_b), np.zeros_like(big_a)
+    for t in range(1, steps + 1):
+        g = full_grad(s * big_b @ big_a)
+        grad_a, grad_b = s * big_b.T @ g, s * g @ big_a.T
+        p_a = np.linalg.inv(big_b.T @ big_b + reg * eye)
+        t_a, g_a = p_a @ big_b.T @ b_old, p_a @ grad_a
+        if plus:
+            v_a = b2 * v_a + (1 - b2) * g_a**2
+            num = b1 * t_a @ m_a + (1 - b1) * g_a
+            big_a = big_a - lr / (1 - b1**t) * num / (np.sqrt(v_a) + eps)
+            m_a = b1 * m_a + (1 - b1) * g_a
+        else:
+            m_a = b1 * t_a @ m_a + (1 - b1) * g_a
+            big_a = big_a - lr / (1 - b1**t) * m_a
+        big_a = big_a - lr * wd * big_a
+        b_old = big_b
+        p_b = np.linalg.inv(big_a @ big_a.T + reg * eye)
+        t_b, g_b = a_old @ big_a.T @ p_b, grad_b @ p_b
+        if plus:
+            v_b = b2 * v_b + (1 - b2) * g_b**2
+            num = b1 * m_b @ t_b + (1 - b1) * g_b
+            big_b = big_b - lr / (1 - b1**t) * num / (np.sqrt(v_b) + eps)
+            m_b = b1 * m_b + (1 - b1) * g_b
+        else:
+            m_b = b1 * m_b @ t_b + (1 - b1) * g_b
+            big_b = big_b - lr / (1 - b1**t) * m_b
+        big_b = big_b - lr * wd * big_b
+        a_old = big_a
+    return big_a, big_b
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["altlora", "altlora_plus"])
+def test_reference_code_mode_matches_the_official_code(plus):
+    lr, steps, s = 0.01, 7, 2.0
+    big_a, big_b, full_grad, loss = _problem(2)
+    kw = dict(b1=0.9, wd=0.1, s=s, plus=plus, eps=1e-4)
+    expected = _official_code(big_a, big_b, full_grad, steps, lr, **kw)
+    factory = altlora_plus if plus else altlora
+    extra = {"eps": 1e-4} if plus else {}
+    tx = factory(lr, weight_decay=0.1, delta=1e-5, scale=1.0, joint=True, reference_code=True,
+                 **extra)
+    got = _run_library(tx, big_a, big_b, lambda p: loss(p, s), steps)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-11)
+    plain = _run_library(factory(lr, weight_decay=0.1, delta=1e-5, joint=True, **extra),
+                         big_a, big_b, lambda p: loss(p, s), steps)
+    assert np.abs(plain[1] - expected[1]).max() > 1e-6  # the mode is not a no-op
+
+
+def test_reference_code_mode_needs_joint():
+    with pytest.raises(ValueError, match="joint=True"):
+        altlora(0.1, reference_code=True)
+
+
 def test_momentum_transport_is_theorem_2_not_the_identity():
     """Algorithm 1 read literally (identity transport of M^B) gives different iterates."""
     lr, steps = 0.05, 8

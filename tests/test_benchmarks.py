@@ -3,7 +3,9 @@ the timed update step, the convergence runs and the report's target checks. No t
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -131,3 +133,28 @@ def test_report_checks_targets(tmp_path):
     assert "not reached in 1 of 2 measured cases: slow (q,v, r=4: 1.40×)" in text
     assert "m×n-state methods ≤ 1.3× dense adamw: reached everywhere" in text
     assert (tmp_path / "update_cost.png").stat().st_size > 0
+
+
+def test_update_section_past_its_deadline_measures_nothing_and_lists_every_row(tmp_path):
+    from benchmarks import run
+    from benchmarks.update_cost import TreeSpec
+
+    cfg = dataclasses.replace(run.QUICK, trees=(TreeSpec("q,v", False, layers=1, d=16,
+                                                         matrix_layers=1),),
+                              ranks=(2, 4), methods=("scaled_sgd", "lora_rite"))
+    assert not run.past(None) and run.past(0.0)
+    rows = run.run_update(cfg, tmp_path, stop_at=0.0)
+    assert rows == []
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert [(u["rank"], u["method"]) for u in raw["update_unmeasured"]] == [
+        (2, "scaled_sgd"), (2, "lora_rite"), (4, "scaled_sgd"), (4, "lora_rite")]
+    raw.update(update=rows, environment=report.environment(quick=True))
+    report.write(raw, tmp_path)
+    assert "*Not measured*" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_config_has_the_issue_shapes():
+    from benchmarks import run
+
+    assert {t.layers for t in run.GPU.trees} == {24} and set(run.GPU.ranks) == {4, 16, 64}
+    assert run.GPU.gpt2_preset == "medium" and run.GPU.peer_layers == 24
