@@ -12,35 +12,39 @@ import numpy as np
 UPDATE_TARGET, TRAIN_TARGET = 1.3, 1.05
 
 METHOD_NOTE = """\
-All timings are wall-clock on this machine's CPU, which other jobs share (the 2 cores were shared
-with three other engineers' test and training runs while this ran). To keep the numbers
-meaningful under that load, every ratio is measured **interleaved in one process**: each round
-calls optax.adamw and the method back to back (order alternating between rounds); the ratio is
-the **median over ≥ 20 rounds of the per-round ratio**, after 2 warm-up rounds. Absolute
+All timings are wall-clock on this machine's CPU, which other jobs may share. To keep the numbers
+meaningful under load, every ratio is measured **interleaved in one process**: each round calls
+optax.adamw and the method back to back (order alternating between rounds); the ratio is the
+**median over ≥ 20 rounds of the per-round ratio**, after 2 warm-up rounds. Absolute
 milliseconds are medians too, and are noisy; trust the ratios.
 
 * *Update cost*: one jitted call of `tx.update` + `optax.apply_updates` with donated params and
   state (fed back, as in a training loop) and fixed random gradients, on pair trees with
-  GPT-2-medium layer shapes (d = 1024). *q,v*: the q and v slices of `attn.c_attn`, stacked as
-  `lowrank_optax.flax` stores them, `lora_a (2, 1024, r)`, `lora_b (2, r, 1024)` per layer.
-  *all four*: `c_attn` q,k,v `(3, 1024, r)/(3, r, 1024)`, `attn.c_proj` 1024→1024, `mlp.c_fc`
-  1024→4096, `mlp.c_proj` 4096→1024. **2 layers, not 24** (see the hang below): every cost is
-  linear in depth, but at 2 layers adamw's update takes well under a millisecond, so fixed
-  per-call costs (dispatch, the many small r×r kernels) weigh more than they would at 24 layers
-  and the ratios are upper bounds of the 24-layer ones. Methods that keep an m×n array in
-  their state are also timed against optax.adamw on the dense weights `W (2, 1024, 1024)` per
-  layer of the q,v tree, in the same loop; on the all-four tree they are not run.
-* **XLA:CPU hang.** On this machine (jax 0.10.2), jitted updates that call LAPACK kernels on
-  larger batches of pairs intermittently never finish: every thread of the process asleep in
-  `block_until_ready`, after which no further computation in the process completes. With
-  24-layer trees (48 stacked pairs) it happened within tens of calls for `altlora`,
-  `scaled_adamw` and `lora_pro_adamw`; adamw alone ran 150 calls without it; with 2 layers it is
-  rare. `run.py` therefore runs each section in a child process, saves update rows one by one,
-  and on a timeout restarts the child, which resumes after the last finished method and skips
-  the one that hung (listed below the tables as *hung*).
+  GPT-2-medium layer shapes (d = 1024), **{layers} layers**. *q,v*: the q and v slices of
+  `attn.c_attn`, stacked as `lowrank_optax.flax` stores them, `lora_a (2, 1024, r)`,
+  `lora_b (2, r, 1024)` per layer. *all four*: `c_attn` q,k,v `(3, 1024, r)/(3, r, 1024)`,
+  `attn.c_proj` 1024→1024, `mlp.c_fc` 1024→4096, `mlp.c_proj` 4096→1024. Methods that keep an
+  m×n array in their state are also timed against optax.adamw on the dense weights
+  `W (2, 1024, 1024)` per layer of the q,v tree, in the same loop; on the all-four tree they are
+  not run.{depth_note}
+* *XLA:CPU deadlock*: with jaxlib 0.10 XLA's concurrency-optimised CPU scheduler deadlocks
+  jitted updates over many stacked pairs; `run.py` turns it off (`lowrank_optax.xla_flags`).
+  It still runs each section in a child process that saves update rows one by one and, if a
+  child stops making progress, restarts it after the last finished method and skips the one
+  that hung (listed below the tables as *hung*).
 * *Compile time*: wall seconds of `jax.jit(step).lower(...).compile()`.
 * *State bytes*: `tx.init` from shapes (`jax.eval_shape`), against optax.adamw on the same tree.
 """
+
+SHALLOW_NOTE = """ At 2 layers (this run predates the deadlock's diagnosis, which kept it
+  from deeper trees) adamw's update takes well under a millisecond, so fixed per-call costs
+  (dispatch, the many small r×r kernels) weigh more than at 24 layers: these ratios are upper
+  bounds of the 24-layer ones."""
+
+
+def method_note(raw: dict) -> str:
+    layers = max((r["layers"] for r in raw.get("update") or []), default=0)
+    return METHOD_NOTE.format(layers=layers or "–", depth_note=SHALLOW_NOTE if layers < 24 else "")
 
 
 def environment(quick: bool) -> dict:
@@ -230,10 +234,10 @@ def write(raw: dict, out: pathlib.Path) -> None:
              "## Environment", "", environment_text(raw["environment"]), "",
              *([raw["provenance"], ""] if raw.get("provenance") else []),
              "## How it is measured", "",
-             GPU_METHOD_NOTE if on_gpu(raw["environment"]) else METHOD_NOTE]
+             GPU_METHOD_NOTE if on_gpu(raw["environment"]) else method_note(raw)]
     if raw.get("update"):
         hung = raw.get("update_hung") or []
-        hung_note = ("*hung*: the child stopped (no progress for 50 s: the XLA:CPU hang above) "
+        hung_note = ("*hung*: the child stopped (no progress for 50 s: the XLA:CPU deadlock above) "
                      "while measuring, and its restart skipped: " + "; ".join(
             f"{h['method']} ({h['tree']}, r = {h['rank']})" for h in hung)) if hung else ""
         parts += ["## Update cost", "", update_tables(raw["update"], hung), "", hung_note, "",

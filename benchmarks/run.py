@@ -1,6 +1,6 @@
 """Benchmarks of every lowrank_optax method against optax.adamw; writes results.md and PNG plots.
 
-    python benchmarks/run.py                 # full CPU run (≈ 30–40 min on a shared 2-core CPU)
+    python benchmarks/run.py                 # full CPU run (an hour or more on 2 cores)
     python benchmarks/run.py --quick         # smoke run: small trees, few methods and repeats
     python benchmarks/run.py --config gpu --out benchmarks/gpu   # GPU: 24-layer GPT-2-medium
 
@@ -25,13 +25,15 @@ import time
 # The r×r kernels call LAPACK through scipy's OpenBLAS; its worker threads busy-wait, which on a
 # shared CPU turns a 0.3 ms update into hundreds of ms. Tiny matrices want one thread anyway.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# XLA:CPU's multi-threaded Eigen pool intermittently wedged (every thread asleep in
-# block_until_ready) under this machine's load; a single-threaded pool never did.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from lowrank_optax.xla_flags import disable_cpu_concurrency_scheduler  # noqa: E402
+
+# Jitted updates over many stacked pairs deadlock XLA:CPU's concurrency-optimised scheduler
+# (jaxlib 0.10; see lowrank_optax.xla_flags): turn it off before the first computation.
+disable_cpu_concurrency_scheduler()
 
 import optax  # noqa: E402
 
@@ -67,12 +69,12 @@ class Config:
     gpt2_preset: str | None = None  # train step on a random GPT-2 of this preset (None: bundled)
 
 
-FULL = Config(
-    trees=(TreeSpec("q,v", all_four=False, layers=2, d=1024, matrix_layers=2),
-           TreeSpec("all four", all_four=True, layers=2, d=1024, matrix_layers=0, ranks=(16,))),
+FULL = Config(  # GPT-2 medium: 24 layers (m×n-state methods only on the q,v tree)
+    trees=(TreeSpec("q,v", all_four=False, layers=24, d=1024, matrix_layers=24),
+           TreeSpec("all four", all_four=True, layers=24, d=1024, matrix_layers=0, ranks=(16,))),
     ranks=(4, 16, 64), rounds=20, methods=tuple(m.name for m in METHODS),
     gpt2_methods=GPT2_METHODS, train_rounds=20, sweep_rates=SWEEP_RATES, sweep_steps=8,
-    convergence_steps=2000, peer_ranks=(4, 16, 64), peer_layers=2,
+    convergence_steps=2000, peer_ranks=(4, 16, 64), peer_layers=24,
 )
 GPU = Config(  # the issue's GPT-2-medium shapes: 24 layers; no sweep or convergence (not timings)
     trees=(TreeSpec("q,v", all_four=False, layers=24, d=1024, matrix_layers=24),
