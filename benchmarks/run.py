@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
 
 from lowrank_optax.xla_flags import disable_cpu_concurrency_scheduler  # noqa: E402
 
-# Jitted updates over many stacked pairs deadlock XLA:CPU's concurrency-optimised scheduler
-# (jaxlib 0.10; see lowrank_optax.xla_flags): turn it off before the first computation.
+# Jitted updates over many stacked pairs can deadlock XLA:CPU (jaxlib 0.10); turning off the
+# concurrency-optimised scheduler makes it rarer (lowrank_optax.xla_flags). Before any computation.
 disable_cpu_concurrency_scheduler()
 
 import optax  # noqa: E402

@@ -1,15 +1,22 @@
-"""A workaround for an XLA:CPU deadlock that jitted LoRA-optimizer updates trigger (jaxlib 0.10).
+"""A mitigation for an XLA:CPU deadlock that jitted LoRA-optimizer updates trigger (jaxlib 0.10).
 
 With jaxlib 0.10.2 on CPU, the jitted update of several methods of this library over a realistic
-number of stacked pairs (e.g. ``altlora`` or ``lora_rite`` on the q and v pairs of 24 GPT-2-medium
-layers) never finishes: every thread of the process waits on a futex, the XLA CPU runtime's
-workers idle, and ``block_until_ready`` never returns. Measured on a 2-core machine with nothing
-else running: ``altlora`` hung on its first call in 3 of 3 runs and ``lora_rite`` in 1 of 1
-(``OPENBLAS_NUM_THREADS=1``, ``--xla_cpu_use_xnnpack=false``, ``--xla_cpu_use_thunk_runtime=false``
-and ``--xla_cpu_multi_thread_eigen=false`` did not prevent it). With XLA's concurrency-optimised
-scheduler turned off, ``altlora`` (twice), ``altlora_plus``, ``scaled_adamw``, ``lora_rite``,
-``lora_pro_sgd``, ``solora_sgd`` and ``lracs`` each ran 100 to 200 calls without a hang, and
-``altlora``'s update took 22 ms instead of 42 ms.
+number of stacked pairs (e.g. ``altlora``, ``lora_rite`` or ``adams(low_memory=True)`` on the q
+and v pairs of 24 GPT-2-medium layers) can never finish: ``block_until_ready`` waits forever and
+every thread of the process sleeps on a futex. Native stacks (gdb) show the cause: jaxlib's
+batched LAPACK kernels (``geqrf``/``orgqr`` here) split their batch over XLA's intra-op thread
+pool (``jax::ParallelBatchMap``) and block *inside* a worker of that pool; once the pool's
+workers all wait in such calls, the tasks they fanned out can never run.
+
+Measured on a 2-core machine with nothing else running (``altlora``: hung on its first call in
+3 of 3 runs; ``lora_rite``: 1 of 1): turning off XLA's concurrency-optimised scheduler, which
+runs independent kernels at the same time, let ``altlora`` (twice), ``altlora_plus``,
+``scaled_adamw``, ``lora_rite``, ``lora_pro_sgd``, ``solora_sgd`` and ``lracs`` each run 100 to
+200 calls without a hang (``altlora``'s update also took 22 ms instead of 42 ms). It is a
+mitigation, not a fix: ``adams(low_memory=True)`` (two batched QRs per pair) still hung with it,
+also together with ``--xla_cpu_multi_thread_eigen=false``. ``OPENBLAS_NUM_THREADS=1``,
+``--xla_cpu_use_xnnpack=false`` and ``--xla_cpu_use_thunk_runtime=false`` did not help, nor did
+mapping the LAPACK calls sequentially over the batch. GPUs are not affected.
 
 The flag must be in ``XLA_FLAGS`` before JAX starts its CPU backend (its first computation).
 :func:`disable_cpu_concurrency_scheduler` adds it; the examples, the benchmarks and the test
@@ -17,6 +24,7 @@ suite call it first thing. Set it yourself with::
 
     XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false python train.py
 """
+
 
 from __future__ import annotations
 
