@@ -238,7 +238,8 @@ def write(raw: dict, out: pathlib.Path) -> None:
              GPU_METHOD_NOTE if on_gpu(raw["environment"]) else method_note(raw)]
     if raw.get("update"):
         hung = raw.get("update_hung") or []
-        hung_note = ("*hung*: the child stopped (no progress for 50 s: the XLA:CPU deadlock above) "
+        hung_note = ("*hung*: stopped by the XLA:CPU deadlock above (no progress for 50 s; 120 s "
+                     "for the all-four tree's rows of 2026-11-30) "
                      "while measuring, and its restart skipped: " + "; ".join(
             f"{h['method']} ({h['tree']}, r = {h['rank']})" for h in hung)) if hung else ""
         parts += ["## Update cost", "", update_tables(raw["update"], hung), "", hung_note, "",
