@@ -130,9 +130,8 @@ class LoRALinear(nnx.Module):
         width, non-overlapping. ``lora_a`` is then ``(P, in, r)`` and ``lora_b`` ``(P, r, w)``.
       grad_stats: ``True`` adds a statistics probe ``lora_stats`` (an ``nnx.Dict``
         ``{"row", "col"}`` of ``nnx.LoRAParam``, see :mod:`lowrank_optax.grad_stats`) whose
-        gradient is ``rowsum(G⊙G)`` / ``colsum(G⊙G)``
-        of this layer's (per-slice) weight gradient ``G``; ``"full"`` adds ``G`` itself
-        (``"grad"``). The projection then runs through
+        gradient is ``rowsum(G⊙G)`` / ``colsum(G⊙G)`` of this layer's (per-slice) weight
+        gradient ``G``; ``"full"`` adds ``G`` itself (``"grad"``). The projection then runs through
         :func:`~lowrank_optax.grad_stats.lora_matmul_with_stats` with the kernel and bias read
         from ``base`` (computed in ``base.dtype`` when set).
       param_dtype: dtype of ``lora_a`` / ``lora_b``.
