@@ -34,6 +34,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = [
     "precondition_pair",
@@ -75,6 +76,7 @@ def scale_by_riemannian_precond(
     Returns:
       An ``optax.GradientTransformation`` (stateless; needs ``params`` in ``update``).
     """
+    check_hyperparams("scale_by_riemannian_precond", delta=delta)
 
     def init_fn(params: optax.Params) -> optax.EmptyState:
         PairTree(params, keys)
@@ -86,7 +88,9 @@ def scale_by_riemannian_precond(
                                 keys=keys)
         return new_updates, state
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_riemannian_precond",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def scaled_sgd(
@@ -118,11 +122,13 @@ def scaled_sgd(
       >>> updates, state = tx.update(grads, state, params)
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(
+    check_hyperparams("scaled_sgd", learning_rate=learning_rate, delta=delta,
+                      weight_decay=weight_decay)
+    return with_state_check("scaled_sgd", optax.chain(
         scale_by_riemannian_precond(delta, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)
 
 
 def scale_by_scaled_adam(
@@ -155,12 +161,13 @@ def scale_by_scaled_adam(
       mu_dtype: dtype of the first moment (``optax.scale_by_adam``'s).
       keys: mapping keys of the factors in the tree.
     """
-    return keep_update_dtypes(
+    check_hyperparams("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, delta=delta)
+    return with_state_check("scale_by_scaled_adam", keep_update_dtypes(
         optax.chain(
             scale_by_riemannian_precond(delta, keys=keys),
             optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
         )
-    )
+    ), keys)
 
 
 def scaled_adamw(
@@ -189,8 +196,10 @@ def scaled_adamw(
       mu_dtype: dtype of the first moment.
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
+    check_hyperparams("scaled_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay, delta=delta)
+    return with_state_check("scaled_adamw", optax.chain(
         scale_by_scaled_adam(b1, b2, eps, delta, mu_dtype=mu_dtype, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)
