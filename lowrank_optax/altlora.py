@@ -333,12 +333,12 @@ def altlora(
     training loop which factor the call moves.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule`` (η).
-      b1: momentum coefficient, default 0.9.
-      weight_decay: γ, default 0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule`` (η).
+      b1: momentum coefficient in ``[0, 1)``, default 0.9.
+      weight_decay: γ ``≥ 0``, default 0.
       order: ``"b_first"`` (default) or ``"a_first"``.
-      scale: LoRA scale ``s`` (default 1.0), see :func:`scale_by_altlora`.
-      delta: Gram regulariser, default 1e-6.
+      scale: LoRA scale ``s > 0`` (default 1.0), see :func:`scale_by_altlora`.
+      delta: Gram regulariser ``≥ 0``, default 1e-6.
       joint: both factors per call as in the official code (see :func:`scale_by_altlora`).
       reference_code: with ``joint``, the official code's exact step (bias correction, weight
         decay after the step; see :func:`scale_by_altlora`).
@@ -384,9 +384,10 @@ def altlora_plus(
     decision. Not transformation invariant.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1, b2, eps: moment decays and denominator constant (defaults as ``optax.adam``).
-      weight_decay: γ on the active factor, default 0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1, b2, eps: moment decays in ``[0, 1)`` and denominator constant ``≥ 0`` (defaults as
+        ``optax.adam``).
+      weight_decay: γ ``≥ 0`` on the active factor, default 0.
       order, scale, delta, joint, reference_code, keys: as :func:`altlora`.
     """
     check_hyperparams("altlora_plus", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,

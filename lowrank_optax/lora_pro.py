@@ -155,8 +155,8 @@ def scale_by_lora_pro_adam(
     Args:
       b1, b2, eps: Adam hyperparameters (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``; official values
         0.9, 0.999, 1e-8).
-      scale: LoRA scale ``s``, default 1.0.
-      delta: Gram regulariser, default 1e-8.
+      scale: LoRA scale ``s > 0``, default 1.0.
+      delta: Gram regulariser ``≥ 0``, default 1e-8.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scale_by_lora_pro_adam", b1=b1, b2=b2, eps=eps, scale=scale, delta=delta)
@@ -209,10 +209,11 @@ def lora_pro_sgd(
     full gradient). See :func:`scale_by_lora_pro`.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      weight_decay: decoupled weight decay on both factors, default 0 (the official scripts').
-      scale: LoRA scale ``s``, default 1.0.
-      delta: Gram regulariser, default 1e-8.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      weight_decay: decoupled weight decay ``≥ 0`` on both factors, default 0 (the official
+        scripts').
+      scale: LoRA scale ``s > 0``, default 1.0.
+      delta: Gram regulariser ``≥ 0``, default 1e-8.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("lora_pro_sgd", learning_rate=learning_rate, weight_decay=weight_decay,
@@ -249,11 +250,12 @@ def lora_pro_adamw(
     Weight decay is decoupled (``optax.add_decayed_weights`` on both factors).
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1, b2, eps: Adam hyperparameters (defaults as ``optax.adamw`` and the official code).
-      weight_decay: decoupled weight decay, default 0 (the official scripts').
-      scale: LoRA scale ``s``, default 1.0.
-      delta: Gram regulariser, default 1e-8.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1, b2, eps: Adam hyperparameters (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``; defaults as
+        ``optax.adamw`` and the official code).
+      weight_decay: decoupled weight decay ``≥ 0``, default 0 (the official scripts').
+      scale: LoRA scale ``s > 0``, default 1.0.
+      delta: Gram regulariser ``≥ 0``, default 1e-8.
       full_state: m×n moments (published method) or factor-space moments (see above).
       keys: mapping keys of the factors in the tree.
     """

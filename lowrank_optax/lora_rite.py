@@ -344,9 +344,9 @@ def lora_rite(
     factors to equal norms without changing their product.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
       b1, b2, eps: see :func:`scale_by_lora_rite`.
-      weight_decay: decoupled weight decay, default 0 (official).
+      weight_decay: decoupled weight decay ``≥ 0``, default 0 (official).
       clip_unmagnified_grad, clip_scope, update_capping, update_skipping, apply_escape: see
         :func:`scale_by_lora_rite`.
       balance: equalise the factor norms after each step (default False, official).

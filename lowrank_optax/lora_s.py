@@ -445,13 +445,15 @@ def adams(
     weight-decay free (its ablation finds ``λ = 0`` best).
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``; the paper uses 5e-5 (GPT-2) to 3e-4.
-      b1, b2, eps: Adam hyperparameters (see :func:`scale_by_adams`).
-      robust_steps: initial plain-Adam steps (App. A.16; the paper uses 100). Default 0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``; the paper uses 5e-5 (GPT-2) to 3e-4.
+      b1, b2, eps: Adam hyperparameters (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``; see
+        :func:`scale_by_adams`).
+      robust_steps: initial plain-Adam steps, an integer ``≥ 0`` (App. A.16; the paper uses
+        100). Default 0.
       low_memory: Algorithm 4 (first moment in tangent coordinates).
       riemannian_second_moment: second moment under metric (8) (Section 4.2).
-      delta: Gram regulariser, default 1e-6.
-      weight_decay: ``λ`` of App. A.11 (equivalently, decoupled weight decay).
+      delta: Gram regulariser ``≥ 0``, default 1e-6.
+      weight_decay: ``λ ≥ 0`` of App. A.11 (equivalently, decoupled weight decay).
       keys: mapping keys of the factors in the tree.
 
     Example::
@@ -618,7 +620,7 @@ def lracs(
     free as in the paper.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``; the paper uses 1e-3 to 5e-3.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``; the paper uses 1e-3 to 5e-3.
       b1, gamma, eps, power_iterations, bias_correction, delta: see :func:`scale_by_lracs`.
       keys: mapping keys of the factors in the tree.
     """

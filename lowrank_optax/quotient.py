@@ -128,10 +128,11 @@ def quotient_sgd(
     factors never move.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``. The step scales like the cube of the
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``. The step scales like the cube of the
         factors' size (gradient times a Gram), so it needs its own tuning.
-      delta: Gram shift (see :func:`scale_by_quotient`), default 0.
-      robust_steps: initial plain-GD steps (see :func:`scale_by_quotient`), default 0.
+      delta: Gram shift ``≥ 0`` (see :func:`scale_by_quotient`), default 0.
+      robust_steps: initial plain-GD steps, an integer ``≥ 0`` (see :func:`scale_by_quotient`),
+        default 0.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("quotient_sgd", learning_rate=learning_rate, delta=delta,

@@ -106,9 +106,10 @@ def scaled_sgd(
     both preconditioners from the pre-step factors.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      delta: regulariser of the r×r Grams (see :func:`scale_by_riemannian_precond`).
-      weight_decay: decoupled weight decay, applied to the parameters (not preconditioned).
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      delta: regulariser ``≥ 0`` of the r×r Grams (see :func:`scale_by_riemannian_precond`).
+      weight_decay: decoupled weight decay ``≥ 0``, applied to the parameters (not
+        preconditioned).
         Default 0, the paper's choice for scaled GD.
       keys: mapping keys of the factors in the tree.
 
@@ -154,10 +155,10 @@ def scale_by_scaled_adam(
     (its Theorem 4.1 analyses the latter); this is the former, its practical method.
 
     Args:
-      b1: first-moment decay, default 0.9 (the paper's and ``optax.adam``'s).
-      b2: second-moment decay, default 0.999.
-      eps: added to ``√v̂`` (outside the root, as ``optax.adam``), default 1e-8.
-      delta: Gram regulariser, default 1e-6 (paper's GPT-2 setting).
+      b1: first-moment decay in ``[0, 1)``, default 0.9 (the paper's and ``optax.adam``'s).
+      b2: second-moment decay in ``[0, 1)``, default 0.999.
+      eps: ``≥ 0``, added to ``√v̂`` (outside the root, as ``optax.adam``), default 1e-8.
+      delta: Gram regulariser ``≥ 0``, default 1e-6 (paper's GPT-2 setting).
       mu_dtype: dtype of the first moment (``optax.scale_by_adam``'s).
       keys: mapping keys of the factors in the tree.
     """
@@ -189,10 +190,10 @@ def scaled_adamw(
     zero-``b`` start is not pulled towards zero before it has moved).
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1, b2, eps: Adam hyperparameters, as ``optax.adamw``.
-      weight_decay: decoupled weight decay coefficient.
-      delta: Gram regulariser (see :func:`scale_by_riemannian_precond`).
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1, b2, eps: Adam hyperparameters, as ``optax.adamw`` (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``).
+      weight_decay: decoupled weight decay coefficient ``≥ 0``.
+      delta: Gram regulariser ``≥ 0`` (see :func:`scale_by_riemannian_precond`).
       mu_dtype: dtype of the first moment.
       keys: mapping keys of the factors in the tree.
     """

@@ -289,12 +289,12 @@ def solora_sgd(
     See :func:`scale_by_solora` (``b1=None``) for the direction and the statistics modes.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b2: metric EMA decay (paper's ``β1 = β2``), default 0.98 (paper, Table 4).
-      eps: metric floor, default 1e-8.
-      weight_decay: decoupled weight decay, default 0.0 (Algorithm 1 has none).
-      delta: r×r Gram regulariser, default 1e-6.
-      scale: LoRA scale ``alpha / r``, default 1.0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b2: metric EMA decay (paper's ``β1 = β2``) in ``[0, 1)``, default 0.98 (paper, Table 4).
+      eps: metric floor ``≥ 0``, default 1e-8.
+      weight_decay: decoupled weight decay ``≥ 0``, default 0.0 (Algorithm 1 has none).
+      delta: r×r Gram regulariser ``≥ 0``, default 1e-6.
+      scale: LoRA scale ``alpha / r > 0``, default 1.0.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("solora_sgd", learning_rate=learning_rate, b2=b2, eps=eps,
@@ -326,13 +326,13 @@ def solora_adamw(
     reading that is dimensionally consistent and matches "AdamW".
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1: momentum decay (paper's ``β3``), default 0.9 (paper, Table 4).
-      b2: metric EMA decay (paper's ``β1 = β2``), default 0.98 (paper, Table 4).
-      eps: metric floor, default 1e-8.
-      weight_decay: decoupled weight decay ``λ``; default 0.0 (the paper's GPT-2 runs use 0.01).
-      delta: r×r Gram regulariser, default 1e-6.
-      scale: LoRA scale ``alpha / r``, default 1.0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1: momentum decay (paper's ``β3``) in ``[0, 1)``, default 0.9 (paper, Table 4).
+      b2: metric EMA decay (paper's ``β1 = β2``) in ``[0, 1)``, default 0.98 (paper, Table 4).
+      eps: metric floor ``≥ 0``, default 1e-8.
+      weight_decay: decoupled weight decay ``λ ≥ 0``; default 0.0 (the paper's GPT-2 runs use 0.01).
+      delta: r×r Gram regulariser ``≥ 0``, default 1e-6.
+      scale: LoRA scale ``alpha / r > 0``, default 1.0.
       moment: ``"full"`` (the paper's ``m×n`` moment; exact with a ``full_gradient`` probe) or
         ``"factor"`` (memory-light, first-order agreement); see :func:`scale_by_solora`.
       keys: mapping keys of the factors in the tree.
