@@ -6,8 +6,15 @@ matmul is TF32, whose ~1e-3 relative error would fail comparisons at 1e-5 for re
 nothing to do with the library. The library pins its own precision
 (``lowrank_optax.pairs.MATMUL_PRECISION``); ``test_every_matmul_runs_at_full_float32_precision``
 checks that under a reduced default. The XLA:CPU scheduler flag of ``lowrank_optax.xla_flags`` is
-set as the examples and benchmarks set it.
+set as the examples and benchmarks set it. The GPT-2 example's modules (``examples/gpt2/``: model,
+tokenizer, decoding, E2E data, metrics) are importable by their names, as the example's scripts
+import them.
 """
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gpt2"))
 
 from lowrank_optax.xla_flags import disable_cpu_concurrency_scheduler
 
