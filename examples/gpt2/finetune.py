@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 import os
 import shutil
 import sys
@@ -61,7 +62,7 @@ disable_cpu_concurrency_scheduler()  # an XLA:CPU deadlock (jaxlib 0.10): lowran
 
 HERE = Path(__file__).resolve().parent
 STEPS = 60  # per optimizer and seed: the default run (10 optimizers × 3 seeds) fits 10 minutes
-DEV_SIZE = 50
+DEV_SIZE = 32
 WARMUP_FRACTION = 0.1  # linear warm-up over the first 10 % of the steps, then cosine decay
 
 
@@ -649,11 +650,11 @@ def plot_losses(results: list[Result], path: Path) -> None:
     axes[1].set(xlabel="step", title="second half (zoom)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    axes[0].legend(
-        handles=axes[0].get_legend_handles_labels()[0][-1:] if base is not None else [],
-        loc="upper right",
-    )
+    handles, labels = axes[1].get_legend_handles_labels()
+    if base is not None and base.dev:
+        handles += axes[0].get_legend_handles_labels()[0][-1:]
+        labels += axes[0].get_legend_handles_labels()[1][-1:]
+    axes[1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.suptitle("LoRA fine-tuning of the bundled GPT-2: mean ± sd over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -681,8 +682,9 @@ def enable_compilation_cache(directory: str) -> None:
 def main(argv: list[str] | None = None) -> list[Result]:
     """Run the job; returns the base-model row and one result per optimizer.
 
-    Writes ``metrics.md`` only when it evaluates (``--eval-size`` ≠ 0): a run without
-    evaluation writes its table of dev losses to ``losses.md`` and leaves a scored table alone.
+    Writes ``metrics.md`` (and the per-seed numbers, ``metrics.json``) only when it evaluates
+    (``--eval-size`` ≠ 0): a run without evaluation writes its table of dev losses to
+    ``losses.md`` (``losses.json``) and leaves a scored table alone.
     """
     args = parse_args(argv)
     enable_compilation_cache(args.jax_cache)
@@ -755,8 +757,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
         plot_losses(results, args.out / "loss.png")
     wall, cpu = time.perf_counter() - start, PhaseTimer.cpu() - cpu_start
     timing = f"Wall time: {timer.summary()} (measured {wall:.0f} s; process CPU {cpu:.0f} s)."
-    report = "metrics.md" if groups else "losses.md"
-    (args.out / report).write_text(f"{table}\n{timing}\n")
+    report = "metrics" if groups else "losses"
+    (args.out / f"{report}.md").write_text(f"{table}\n{timing}\n")
+    rows = [{"name": r.name, "learning_rate": r.learning_rate, "dev": r.dev, "metrics": r.metrics,
+             "train_seconds": r.train_seconds} for r in results]  # fmt: skip
+    (args.out / f"{report}.json").write_text(json.dumps({"rows": rows, "wall_s": wall}, indent=1))
     print(table)
     print(timing)
     return results

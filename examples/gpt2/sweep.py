@@ -5,9 +5,9 @@
 
 Every optimizer runs the default recipe of ``finetune.py`` (same steps, batch, warm-up +
 cosine schedule, LoRA rank and alpha) with one seed that the reported runs do not use (seed
-10: the sweep does not pick the seeds it is scored on), at learning rates half a decade apart
-around its current table value; the grid is extended by half-decades while the best rate is at
-its edge (at most ``--max-points`` rates). The criterion is the dev loss after the last step
+10: the sweep does not pick the seeds it is scored on), at its current table value and half a
+decade above; the grid is extended by half-decades while the best rate is at its edge (at most
+``--max-points`` rates). The criterion is the dev loss after the last step
 (the held-out loss the table reports). Results accumulate in ``sweep.json`` (a rate already
 measured with the same recipe is not run again) and are written as the table ``sweep.md``,
 best rate in bold; both are committed, and ``OPTIMIZERS`` takes the bold values.
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         losses = {float(k): v for k, v in results.get(name, {}).items()}
         centre = finetune.OPTIMIZERS[name].learning_rate
-        todo = [centre / HALF_DECADE, centre, centre * HALF_DECADE]
+        todo = [centre, centre * HALF_DECADE]  # a cosine decay wants a higher peak than
+        # the constant rate the table's values were first tuned for
         todo = [lr for lr in todo if float(grid_key(lr)) not in losses]
         setup = finetune.lora_model(
             args, grad_stats=finetune.OPTIMIZERS[name].grad_stats, seed=args.seed
