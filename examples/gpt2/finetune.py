@@ -368,11 +368,12 @@ def save_checkpoint(
     opt_state: Any,
     losses: list[float],
     dev: list[tuple[int, float]],
+    seconds: float,
 ) -> None:
-    """LoRA factors and optimizer state (Orbax ``StandardSave``) plus the train losses and the
-    ``(step, dev loss)`` history (JSON)."""
+    """LoRA factors and optimizer state (Orbax ``StandardSave``) plus the train losses, the
+    ``(step, dev loss)`` history and the training seconds so far (JSON)."""
     state = {"lora": lora, "opt_state": opt_state}
-    meta = {"losses": losses, "dev": [list(d) for d in dev]}
+    meta = {"losses": losses, "dev": [list(d) for d in dev], "seconds": seconds}
     manager.save(
         len(losses),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -381,7 +382,7 @@ def save_checkpoint(
 
 def restore_checkpoint(
     manager: ocp.CheckpointManager, lora: Any, opt_state: Any
-) -> tuple[Any, Any, list[float], list[tuple[int, float]]]:
+) -> tuple[Any, Any, list[float], list[tuple[int, float]], float]:
     """The latest checkpoint, restored with the shapes, dtypes and shardings of the arguments."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
     restored = manager.restore(
@@ -391,7 +392,8 @@ def restore_checkpoint(
         ),
     )
     dev = [(int(step), float(loss)) for step, loss in restored.meta["dev"]]
-    return restored.state["lora"], restored.state["opt_state"], restored.meta["losses"], dev
+    meta = restored.meta
+    return restored.state["lora"], restored.state["opt_state"], meta["losses"], dev, meta["seconds"]
 
 
 # ------------------------------------------------------------------------------ run
@@ -432,7 +434,8 @@ class _Phase:
 @dataclasses.dataclass
 class Trained:
     """One seed's run: factors and optimizer state after training, the train loss of every
-    step, the ``(step, dev loss)`` history and the wall seconds of training."""
+    step, the ``(step, dev loss)`` history and the wall seconds of training (those of the
+    interrupted runs included when resumed)."""
 
     lora: Any
     opt_state: Any
@@ -514,11 +517,13 @@ def train(
     manager = checkpoint_manager(directory)
     losses: list[float] = []
     history: list[tuple[int, float]] = []
+    seconds = 0.0  # training time of earlier runs of a resumed run
     if args.resume and manager.latest_step() is not None:
-        lora, opt_state, losses, history = restore_checkpoint(manager, lora, opt_state)
+        lora, opt_state, losses, history, seconds = restore_checkpoint(manager, lora, opt_state)
     key = jax.random.key(seed + 2)
     stream = e2e.batches(data, args.batch_size, seed, start_step=len(losses))
     start, first_update = time.perf_counter(), True
+    elapsed = lambda: time.perf_counter() - start  # noqa: E731
     desc = f"{name} seed {seed}"
     for step in (bar := tqdm(range(len(losses), args.steps), desc=desc, file=sys.stderr)):
         batch = next(stream)
@@ -544,13 +549,14 @@ def train(
                 history.append((step + 1, dev.loss(setup, lora)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", dev=f"{history[-1][1]:.3f}" if history else "-")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(manager, lora, opt_state, losses, history)
+            save_checkpoint(manager, lora, opt_state, losses, history, seconds + elapsed())
+    seconds += elapsed()
     with timer.phase("checkpoint"):
         if manager.latest_step() != len(losses):
-            save_checkpoint(manager, lora, opt_state, losses, history)
+            save_checkpoint(manager, lora, opt_state, losses, history, seconds)
         manager.wait_until_finished()
         manager.close()
-    return Trained(lora, opt_state, losses, history, time.perf_counter() - start)
+    return Trained(lora, opt_state, losses, history, seconds)
 
 
 def decode(

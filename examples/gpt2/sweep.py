@@ -113,15 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
         setup = finetune.lora_model(
             args, grad_stats=finetune.OPTIMIZERS[name].grad_stats, seed=args.seed
         )
-        while todo:
-            lr = float(grid_key(todo.pop(0)))
+        while todo or (extra := next_rate(losses, own.max_points)) is not None:
+            lr = float(grid_key(todo.pop(0) if todo else extra))
             run = finetune.train(name, lr, setup, args, data, timer, dev, args.seed)
             loss = run.dev[-1][1]
             losses[lr] = loss if math.isfinite(loss) else math.inf
             results[name] = {grid_key(k): v for k, v in sorted(losses.items())}
             own.results.write_text(json.dumps({"recipe": meta, "results": results}, indent=1))
-            if not todo and (extra := next_rate(losses, own.max_points)) is not None:
-                todo.append(extra)
     table = markdown(results, meta)
     own.results.with_suffix(".md").write_text(table)
     print(table)
