@@ -96,8 +96,8 @@ def _loraplus_adamw(
 # the large value; AdamS and LRACS normalise their step in the space of ΔW before lifting it
 # to the factors and want about 10× less than Adam.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(5e-3, factory=_adamw),
-    "scaled_sgd": OptimizerSpec(3e-2),
+    "adamw": OptimizerSpec(1.58e-2, factory=_adamw),
+    "scaled_sgd": OptimizerSpec(9.49e-3),
     "scaled_adamw": OptimizerSpec(1e-2),
     "loraplus_adamw": OptimizerSpec(1e-3, factory=_loraplus_adamw),
     "adams": OptimizerSpec(1e-3),
