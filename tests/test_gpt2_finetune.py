@@ -209,3 +209,15 @@ def test_solora_reads_exact_statistics_of_the_full_gradient(finetune):
                                    atol=1e-12)
         np.testing.assert_allclose(stats["col"][p], (g[:, cols] ** 2).sum(axis=0), rtol=1e-4,
                                    atol=1e-12)
+
+
+def test_sweep_extends_the_grid_while_the_best_rate_is_at_an_edge():
+    import sweep
+
+    h = sweep.HALF_DECADE
+    assert sweep.next_rate({1.0: 2.0, h: 1.5}, 5) == pytest.approx(h * h)  # best at the top
+    assert sweep.next_rate({1.0: 1.0, h: 1.5}, 5) == pytest.approx(1 / h)  # best at the bottom
+    assert sweep.next_rate({1.0: 1.5, h: math.inf}, 5) == pytest.approx(1 / h)  # h diverged
+    assert sweep.next_rate({1.0: 2.0, h: 1.5, h * h: 1.8}, 5) is None  # interior best
+    assert sweep.next_rate({1.0: 2.0, h: 1.5}, 2) is None  # --max-points reached
+    assert sweep.next_rate({1.0: math.inf, h: math.inf}, 5) is None  # nothing converged

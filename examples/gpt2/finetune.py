@@ -92,9 +92,11 @@ def _loraplus_adamw(
 
 # Learning rates for the bundled model and the default recipe (rank 4, alpha 32, batch 8,
 # --steps, warm-up + cosine): per method, the lowest final dev loss of sweep.py's half-decade
-# grid (its results: sweep.md). AltLoRA divides its step by scale² = 64 (its eq. (8)), hence
-# the large value; AdamS and LRACS normalise their step in the space of ΔW before lifting it
-# to the factors and want about 10× less than Adam.
+# grid (its results: sweep.md). adamw and scaled_sgd are swept for this recipe; the others keep
+# the values of the earlier sweep (constant rate after warm-up, 100 steps) until sweep.py has
+# run for them (docs/gpt2_example.md, "Learning rates"). AltLoRA divides its step by
+# scale² = 64 (its eq. (8)), hence the large value; AdamS and LRACS normalise their step in the
+# space of ΔW before lifting it to the factors and want about 10× less than Adam.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(1.58e-2, factory=_adamw),
     "scaled_sgd": OptimizerSpec(9.49e-3),
@@ -675,6 +677,56 @@ def eval_groups(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return groups if args.eval_size < 0 else groups[: args.eval_size]
 
 
+def evaluate_all(
+    base: Result,
+    base_setup: LoRAModel,
+    trained: dict[str, list[tuple[LoRAModel, Trained]]],
+    seeds: list[int],
+    tokenizer: GPT2Tokenizer,
+    groups: list[tuple[str, list[str]]],
+    args: argparse.Namespace,
+    timer: PhaseTimer,
+) -> tuple[dict[str, list[list[str]]], dict[str, list[dict]]]:
+    """Decode and score the base model and every trained model: ``{name: [per seed]}`` of
+    outputs and of metrics.
+
+    Each run's outputs and scores are kept next to its checkpoint (``eval.json``, with the
+    evaluation settings and the step); ``--resume`` reuses them when those match, so a resumed
+    run re-evaluates only what changed.
+    """
+    models = [(base.name, base_setup, base_setup.lora, None)]
+    for name, runs in trained.items():
+        for seed, (setup, run) in zip(seeds, runs, strict=True):
+            cache = args.out / "checkpoints" / name / f"seed{seed}" / "eval.json"
+            models.append((name, setup, run.lora, (cache, len(run.losses))))
+    settings = {k: getattr(args, k) for k in ("eval_split", "eval_size", "beams", "max_new_tokens")}
+    settings["meteor"] = not args.no_meteor
+    done: dict[int, dict] = {}
+    for i, (_, _, _, cache) in enumerate(models):
+        if cache is not None and args.resume and cache[0].exists():
+            saved = json.loads(cache[0].read_text())
+            if saved["settings"] == settings and saved["step"] == cache[1]:
+                done[i] = saved
+    todo = [i for i in range(len(models)) if i not in done]
+    with timer.phase("decode"):
+        for i in tqdm(todo, desc="decode", file=sys.stderr):
+            _, setup, lora, _ = models[i]
+            done[i] = {"hyps": decode(setup.module(lora), tokenizer, groups, args)}
+    with timer.phase("metrics"):
+        refs = [r for _, r in groups]
+        for i in tqdm(todo, desc="score", file=sys.stderr):
+            done[i]["scores"] = e2e_metrics(done[i]["hyps"], refs, use_meteor=not args.no_meteor)
+            if (cache := models[i][3]) is not None:
+                saved = {"settings": settings, "step": cache[1], **done[i]}
+                cache[0].write_text(json.dumps(saved))
+    hyps: dict[str, list[list[str]]] = {}
+    scores: dict[str, list[dict]] = {}
+    for i, (name, *_) in enumerate(models):
+        hyps.setdefault(name, []).append(done[i]["hyps"])
+        scores.setdefault(name, []).append(done[i]["scores"])
+    return hyps, scores
+
+
 def enable_compilation_cache(directory: str) -> None:
     """Persist compiled XLA executables in ``directory`` (``""``: off), so that a second run
     skips the compilation of the gradient, the updates and decoding."""
@@ -725,22 +777,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
             run.dev.insert(0, (0, base_dev))
             trained.setdefault(name, []).append((setup, run))
 
-    hyps: dict[str, list[list[str]]] = {}
+    scores: dict[str, list[dict]] = {}
     if groups:
-        models = [(base.name, base_setup, base_setup.lora)]
-        models += [(n, s, run.lora) for n, runs in trained.items() for s, run in runs]
-        with timer.phase("decode"):
-            for name, setup, lora in tqdm(models, desc="decode", file=sys.stderr):
-                hyps.setdefault(name, []).append(
-                    decode(setup.module(lora), tokenizer, groups, args)
-                )
-        with timer.phase("metrics"):
-            refs = [r for _, r in groups]
-            scored = [(n, h) for n, hs in hyps.items() for h in hs]
-            scores: dict[str, list[dict]] = {}
-            for name, h in tqdm(scored, desc="score", file=sys.stderr):
-                metrics = e2e_metrics(h, refs, use_meteor=not args.no_meteor)
-                scores.setdefault(name, []).append(metrics)
+        hyps, scores = evaluate_all(
+            base, base_setup, trained, seeds, tokenizer, groups, args, timer
+        )
         base.metrics = scores[base.name]
         for name in trained:
             samples = [f"{s}\n  -> {h}\n" for (s, _), h in zip(groups, hyps[name][0], strict=True)]
@@ -753,7 +794,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 chosen[name],
                 [run.losses for _, run in runs],
                 [run.dev for _, run in runs],
-                scores[name] if groups else [],
+                scores.get(name, []),
                 float(np.mean([run.seconds for _, run in runs])),
             )
         )
