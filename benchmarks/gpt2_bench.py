@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -29,9 +30,14 @@ from flax import nnx
 
 from benchmarks import harness
 from lowrank_optax.flax import inject_lora
-from lowrank_optax.models import GPT2, GPT2Config, GPT2Tokenizer, e2e, load_gpt2
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "gpt2"
+sys.path.insert(0, str(EXAMPLE))  # the example's modules: model, tokenizer, E2E data
+
+import e2e  # noqa: E402
+from gpt2 import GPT2, GPT2Config, load_gpt2  # noqa: E402
+from tokenizer import GPT2Tokenizer  # noqa: E402
+
 RANK, ALPHA, BATCH, MAX_LEN, SEED = 4, 32.0, 8, 128, 0
 
 

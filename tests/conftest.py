@@ -5,9 +5,16 @@ formulas) run at full float32 matmul precision on every backend: on GPUs XLA's d
 matmul is TF32, whose ~1e-3 relative error would fail comparisons at 1e-5 for reasons that have
 nothing to do with the library. The library pins its own precision
 (``lowrank_optax.pairs.MATMUL_PRECISION``); ``test_every_matmul_runs_at_full_float32_precision``
-checks that under a reduced default.
+checks that under a reduced default. The GPT-2 example's modules (``examples/gpt2/``: model,
+tokenizer, decoding, E2E data, metrics) are importable by their names, as the example's scripts
+import them.
 """
 
+import sys
+from pathlib import Path
+
 import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gpt2"))
 
 jax.config.update("jax_default_matmul_precision", "highest")

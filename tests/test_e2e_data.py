@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowrank_optax.models import e2e, restaurants
+import e2e
+import restaurants
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gpt2"
 

@@ -370,7 +370,7 @@ def test_bfloat16_kernel_keeps_its_dtype_through_init_and_merge():
 
 
 def test_gpt2_q_and_v_slices_of_c_attn():
-    from lowrank_optax.models.gpt2 import GPT2, GPT2Config
+    from gpt2 import GPT2, GPT2Config
 
     config = GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2,
                         layer_norm_epsilon=1e-5, embd_pdrop=0.0, attn_pdrop=0.0,

@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from lowrank_optax.models import decoding
-from lowrank_optax.models.gpt2 import GPT2, GPT2Config, load_gpt2, save_gpt2
-from lowrank_optax.models.tokenizer import GPT2Tokenizer
+import decoding
+from gpt2 import GPT2, GPT2Config, load_gpt2, save_gpt2
+from tokenizer import GPT2Tokenizer
 
 CFG = dict(vocab_size=53, n_positions=16, n_embd=24, n_layer=2, n_head=3, layer_norm_epsilon=1e-5)
 

@@ -1,8 +1,10 @@
 """The GPT-2 LoRA fine-tuning example (examples/gpt2/finetune.py) on the bundled model.
 
-A short fine-tune must learn and beat the base model on the metrics, an Orbax checkpoint must
-resume to exactly the losses of an uninterrupted run, and a run on a simulated 8-device mesh
-(in a subprocess) must reproduce the single-device losses.
+A short fine-tune must learn and beat the base model on the held-out loss and the metrics, an
+Orbax checkpoint must resume to exactly the losses of an uninterrupted run (and a run without
+evaluation must leave a scored table alone), the recipe's schedule and the mean ± sd cells
+must match hand computations, and a run on a simulated 8-device mesh (in a subprocess) must
+reproduce the single-device losses.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,38 +41,61 @@ def finetune():
 
 
 def test_short_finetune_learns_and_beats_the_base_model(finetune, tmp_path):
-    args = ["--out", str(tmp_path), "--steps", "20", "--optimizers", "adamw=0.02,lora_rite=0.01",
-            "--eval-size", "20", "--max-new-tokens", "40", "--no-meteor"]  # fmt: skip
+    args = ["--out", str(tmp_path), "--steps", "20", "--optimizers", "adamw=0.01,lora_rite=0.005",
+            "--eval-size", "20", "--max-new-tokens", "40", "--no-meteor", "--seeds", "1",
+            "--dev-size", "16"]  # fmt: skip
     base, *runs = finetune.main(args)
     assert [r.name for r in runs] == ["adamw", "lora_rite"]
-    assert base.losses == [] and base.metrics["BLEU"] >= 0
+    assert base.losses == [] and base.metrics[0]["BLEU"] >= 0
+    (base_dev,) = base.final_dev
     for r in runs:
-        assert len(r.losses) == 20
-        assert np.mean(r.losses[-5:]) < np.mean(r.losses[:5]) - 0.5, r.name
-        scores = [v for k, v in r.metrics.items() if k != "METEOR"]
-        assert all(math.isfinite(v) for v in scores), r.metrics
+        (losses,), (metrics,) = r.losses, r.metrics
+        assert len(losses) == 20
+        assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, r.name
+        assert [s for s, _ in r.dev[0]] == [0, 10, 20] and r.dev[0][0][1] == base_dev
+        assert r.final_dev[0] < base_dev - 0.5, (r.name, r.dev, base_dev)
+        scores = [v for k, v in metrics.items() if k != "METEOR"]
+        assert all(math.isfinite(v) for v in scores), metrics
         # the base model writes reviews, not verbalisations of the MR: 20 steps already do
         # better (the full default run reaches BLEU 30+)
-        assert r.metrics["BLEU"] > base.metrics["BLEU"] + 2, (r.metrics, base.metrics)
-        assert r.metrics["ROUGE-L"] > base.metrics["ROUGE-L"], (r.metrics, base.metrics)
+        assert metrics["BLEU"] > base.metrics[0]["BLEU"] + 2, (metrics, base.metrics)
+        assert metrics["ROUGE-L"] > base.metrics[0]["ROUGE-L"], (metrics, base.metrics)
     table = (tmp_path / "metrics.md").read_text()
-    assert "| adamw | 0.02 |" in table and "| lora_rite |" in table and "Wall time" in table
+    assert f"| base model (no fine-tuning) | - | {base_dev:.3f} |" in table
+    assert "| adamw | 0.01 |" in table and "| lora_rite |" in table and "Wall time" in table
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "samples_lora_rite.txt").read_text().count("->") == 20
 
 
 def test_resume_continues_exactly(finetune, tmp_path):
-    """5 steps, an Orbax checkpoint, 3 resumed steps == 8 uninterrupted steps (adams keeps
-    moments and a step count: a resume that lost them would diverge at step 6)."""
-    common = ["--optimizers", "adams", "--eval-size", "0"]
-    (full,) = finetune.main(["--out", str(tmp_path / "full"), "--steps", "8", *common])
-    (first,) = finetune.main(["--out", str(tmp_path / "part"), "--steps", "5", *common])
-    assert first.losses == full.losses[:5]
-    resume = ["--out", str(tmp_path / "part"), "--steps", "8", "--resume", *common]
-    (resumed,) = finetune.main(resume)
-    assert resumed.losses == full.losses
-    steps = sorted(p.name for p in (tmp_path / "part" / "checkpoints" / "adams").iterdir())
-    assert steps == ["5", "8"]
+    """8 steps with a checkpoint at step 5; the step-8 checkpoint removed (a run interrupted
+    after step 5); --resume then reproduces steps 6-8 and the dev losses exactly (adams keeps
+    moments and a step count: a resume that lost them would diverge at step 6). A run without
+    evaluation leaves a scored metrics.md alone."""
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--optimizers", "adams", "--eval-size", "0", "--seeds", "1",
+              "--dev-size", "8", "--dev-every", "3", "--steps", "8"]  # fmt: skip
+    _, full = finetune.main([*common, "--save-every", "5"])
+    checkpoints = out / "checkpoints" / "adams" / "seed0"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["5", "8"]
+    shutil.rmtree(checkpoints / "8")
+    scored = "| optimizer | lr | dev loss | BLEU |\n"
+    (out / "metrics.md").write_text(scored)
+    _, resumed = finetune.main([*common, "--resume"])
+    assert resumed.losses == full.losses and resumed.dev == full.dev
+    assert [s for s, _ in full.dev[0]] == [0, 3, 6, 8]
+    assert (out / "metrics.md").read_text() == scored  # no evaluation: untouched
+    assert "| adams | 0.001 |" in (out / "losses.md").read_text()
+
+
+def test_recipe_schedule_and_table_cells(finetune):
+    """Warm-up over the first 10 % of the steps to the peak, then half a cosine to 0."""
+    schedule = finetune.lr_schedule(2.0, 100)
+    for step in (0, 5, 10, 32, 55, 77, 100):
+        expected = 2.0 * step / 10 if step <= 10 else 1.0 + math.cos(math.pi * (step - 10) / 90)
+        np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6, atol=1e-7)
+    assert finetune.mean_sd([0.9, 1.0, 1.1], 3) == "1.000 ± 0.100"  # sample sd
+    assert finetune.mean_sd([1.23456], 2) == "1.23" and finetune.mean_sd([], 2) == "n/a"
 
 
 MESH_SCRIPT = """
@@ -99,7 +125,7 @@ for mesh in ["", "4x2"]:
                        ft.e2e.read_split(args.data, "train")), args.max_len)
     init_specs = None
     for name in {names!r}:
-        tx = ft.make_optimizer(name, ft.OPTIMIZERS[name].learning_rate, 8.0)
+        tx = ft.make_optimizer(name, ft.OPTIMIZERS[name].learning_rate, 8.0, args.steps)
         init_specs = specs(tx.init(setup.lora))
         run = ft.train(name, ft.OPTIMIZERS[name].learning_rate, setup, args, data, ft.PhaseTimer())
         out[f"{{name}}/{{mesh}}"] = {{
@@ -183,3 +209,15 @@ def test_solora_reads_exact_statistics_of_the_full_gradient(finetune):
                                    atol=1e-12)
         np.testing.assert_allclose(stats["col"][p], (g[:, cols] ** 2).sum(axis=0), rtol=1e-4,
                                    atol=1e-12)
+
+
+def test_sweep_extends_the_grid_while_the_best_rate_is_at_an_edge():
+    import sweep
+
+    h = sweep.HALF_DECADE
+    assert sweep.next_rate({1.0: 2.0, h: 1.5}, 5) == pytest.approx(h * h)  # best at the top
+    assert sweep.next_rate({1.0: 1.0, h: 1.5}, 5) == pytest.approx(1 / h)  # best at the bottom
+    assert sweep.next_rate({1.0: 1.5, h: math.inf}, 5) == pytest.approx(1 / h)  # h diverged
+    assert sweep.next_rate({1.0: 2.0, h: 1.5, h * h: 1.8}, 5) is None  # interior best
+    assert sweep.next_rate({1.0: 2.0, h: 1.5}, 2) is None  # --max-points reached
+    assert sweep.next_rate({1.0: math.inf, h: math.inf}, 5) is None  # nothing converged

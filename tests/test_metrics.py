@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lowrank_optax.models import metrics
+import metrics
 
 HYPS = ["the cat sat on the mat .", "a small dog barks loudly", "it rains"]
 REFS = [

@@ -3,12 +3,17 @@
     python examples/gpt2/finetune.py                  # bundled model + data, all optimizers
 
 The script injects LoRA factors (q and v slices of every fused ``attn.c_attn``; rank 4, alpha
-32 by default, as in the LoRA papers) into the base model once; every optimizer then trains
-the same initial factors, the trained model decodes the evaluation MRs (greedy by default)
-and BLEU, NIST, METEOR, ROUGE-L and CIDEr score the outputs. It prints the metrics table and
-writes ``metrics.md``, ``loss.png``, ``samples_<optimizer>.txt`` and an Orbax checkpoint per
-optimizer (LoRA factors + optimizer state, ``checkpoints/<optimizer>/``) under ``--out``;
-``--resume`` continues from those checkpoints exactly where they stopped.
+32 by default, as in the LoRA papers) into the base model; every optimizer trains with the same
+recipe (linear warm-up over the first 10 % of the steps, then cosine decay to 0, at the
+learning rate of :data:`OPTIMIZERS`, chosen by ``sweep.py``) from the same initial factors on
+the same batches, once per seed (``--seeds``: LoRA initialisation, data order and dropout).
+The held-out (dev) loss is tracked during training; after training each model decodes the
+evaluation MRs (greedy by default) and BLEU, NIST, METEOR, ROUGE-L and CIDEr score the
+outputs. It prints a table of mean ± sd over the seeds and writes ``metrics.md``,
+``loss.png``, ``samples_<optimizer>.txt`` and an Orbax checkpoint per optimizer and seed
+(LoRA factors + optimizer state, ``checkpoints/<optimizer>/seed<k>/``) under ``--out``;
+``--resume`` continues from those checkpoints exactly where they stopped. Compiled functions
+are cached in ``runs/jax_cache`` (``--jax-cache``), so a second run starts training at once.
 
 Point ``--checkpoint`` at a Hugging Face GPT-2 directory (e.g. GPT-2 medium) and ``--data`` at
 the E2E files to run the papers' setting; ``--mesh DATAxMODEL`` shards the batch over a
@@ -23,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 import os
 import shutil
 import sys
@@ -44,11 +50,17 @@ from tqdm import tqdm
 
 import lowrank_optax
 from lowrank_optax.flax import inject_lora
-from lowrank_optax.models import GPT2, GPT2Tokenizer, e2e, generate, load_gpt2
-from lowrank_optax.models.metrics import e2e_metrics
+
+import e2e
+from decoding import generate
+from gpt2 import GPT2, load_gpt2
+from metrics import e2e_metrics
+from tokenizer import GPT2Tokenizer
 
 HERE = Path(__file__).resolve().parent
-WARMUP_STEPS = 10
+STEPS = 60  # per optimizer and seed: the default run (10 optimizers × 3 seeds) fits 10 minutes
+DEV_SIZE = 32
+WARMUP_FRACTION = 0.1  # linear warm-up over the first 10 % of the steps, then cosine decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +87,16 @@ def _loraplus_adamw(
     return lowrank_optax.loraplus(optax.adamw, ratio, learning_rate=learning_rate, weight_decay=0.0)
 
 
-# Learning rates for the bundled model (rank 4, alpha 32, batch 8, 100 steps, linear warm-up
-# over 10 steps, then constant): per method, the lowest mean train loss of the last 10 steps in
-# a sweep over half-decades (docs/gpt2_example.md lists it). AltLoRA divides its step by
-# scale² = 64 (its eq. (8)), hence the large value; AdamS and LRACS normalise their step in
-# the space of ΔW before lifting it to the factors and want about 10× less than Adam.
+# Learning rates for the bundled model and the default recipe (rank 4, alpha 32, batch 8,
+# --steps, warm-up + cosine): per method, the lowest final dev loss of sweep.py's half-decade
+# grid (its results: sweep.md). adamw and scaled_sgd are swept for this recipe; the others keep
+# the values of the earlier sweep (constant rate after warm-up, 100 steps) until sweep.py has
+# run for them (docs/gpt2_example.md, "Learning rates"). AltLoRA divides its step by
+# scale² = 64 (its eq. (8)), hence the large value; AdamS and LRACS normalise their step in the
+# space of ΔW before lifting it to the factors and want about 10× less than Adam.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(5e-3, factory=_adamw),
-    "scaled_sgd": OptimizerSpec(3e-2),
+    "adamw": OptimizerSpec(1.58e-2, factory=_adamw),
+    "scaled_sgd": OptimizerSpec(9.49e-3),
     "scaled_adamw": OptimizerSpec(1e-2),
     "loraplus_adamw": OptimizerSpec(1e-3, factory=_loraplus_adamw),
     "adams": OptimizerSpec(1e-3),
@@ -107,20 +121,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=128, help="tokens per training sequence")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every table lr")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, ... per optimizer")
     p.add_argument("--mesh", default="", help="DATAxMODEL device mesh, e.g. 4x2")
     p.add_argument("--eval-split", choices=["dev", "test"], default="test")
     p.add_argument(
-        "--eval-size", type=int, default=100, help="first N MRs; -1 = all; 0 = no evaluation"
+        "--eval-size", type=int, default=50, help="first N MRs; -1 = all; 0 = no evaluation"
     )
+    p.add_argument(
+        "--dev-size", type=int, default=DEV_SIZE, help="dev MRs (first reference) for dev loss"
+    )
+    p.add_argument("--dev-every", type=int, default=10, help="dev loss every N steps")
     p.add_argument("--beams", type=int, default=1, help="1 = greedy; the papers use 10")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs java)")
     p.add_argument("--resume", action="store_true", help="continue from --out checkpoints")
+    p.add_argument(
+        "--jax-cache", default="runs/jax_cache", help="persistent compilation cache ('' = off)"
+    )
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     return p.parse_args(argv)
 
@@ -147,17 +169,24 @@ def parse_optimizers(spec: str, lr_scale: float) -> dict[str, float]:
     return chosen
 
 
+def lr_schedule(learning_rate: float, steps: int) -> optax.Schedule:
+    """The recipe of every optimizer: linear warm-up from 0 over the first
+    :data:`WARMUP_FRACTION` of ``steps`` to ``learning_rate``, then cosine decay to 0."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
+
+
 def make_optimizer(
-    name: str, learning_rate: float, lora_scale: float
+    name: str, learning_rate: float, lora_scale: float, steps: int
 ) -> optax.GradientTransformation:
-    """Build ``name`` from the table; methods with a ``scale`` argument get ``alpha / rank``."""
+    """Build ``name`` from the table with :func:`lr_schedule`; methods with a ``scale``
+    argument get ``alpha / rank``."""
     spec = OPTIMIZERS[name]
     factory = spec.factory or getattr(lowrank_optax, name)
     kwargs = dict(spec.kwargs)
     if "scale" in inspect.signature(factory).parameters:
         kwargs["scale"] = lora_scale
-    schedule = optax.linear_schedule(0.0, learning_rate, WARMUP_STEPS)
-    return factory(schedule, **kwargs)
+    return factory(lr_schedule(learning_rate, steps), **kwargs)
 
 
 # ------------------------------------------------------------------------------ model & loss
@@ -221,7 +250,9 @@ class LoRAModel:
         return jax.device_put(batch, NamedSharding(self.mesh, P("data")))
 
 
-def lora_model(args: argparse.Namespace, grad_stats: bool = False) -> LoRAModel:
+def lora_model(
+    args: argparse.Namespace, grad_stats: bool = False, seed: int | None = None
+) -> LoRAModel:
     """Load the base model and add factors on the q and v slices of every ``c_attn``.
 
     With a mesh the factors carry sharding metadata — ``lora_a`` ``(2, in, r)`` split along
@@ -229,10 +260,12 @@ def lora_model(args: argparse.Namespace, grad_stats: bool = False) -> LoRAModel:
     created sharded; the frozen weights are replicated. With ``grad_stats`` every pair also
     gets a statistics probe (``lora_stats``, replicated): its gradient is the row and column
     sums of ``G⊙G`` of the slice's full weight gradient ``G``, reduced inside the backward pass
-    (SoLoRA's exact metric). The factors are the same as without it (same seeds).
+    (SoLoRA's exact metric). The factors are the same as without it (same seeds). ``seed``
+    (default ``--seed``) draws the initial factors.
     """
+    seed = args.seed if seed is None else seed
     mesh = make_mesh(args.mesh)
-    model = load_gpt2(args.checkpoint, rngs=nnx.Rngs(args.seed))
+    model = load_gpt2(args.checkpoint, rngs=nnx.Rngs(seed))
     d = model.config.n_embd
     targets = {r"h\.\d+\.attn\.c_attn": {"out_slices": [(0, d), (2 * d, 3 * d)]}}
     sharding = {}
@@ -244,7 +277,7 @@ def lora_model(args: argparse.Namespace, grad_stats: bool = False) -> LoRAModel:
             targets,
             rank=args.rank,
             alpha=args.alpha,
-            rngs=nnx.Rngs(args.seed + 1),
+            rngs=nnx.Rngs(seed + 1),
             grad_stats=grad_stats,
             **sharding,
         )
@@ -300,6 +333,14 @@ def loss_and_grad(
     return loss, nnx.as_pure(grads)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity"))
+def eval_loss(graphdef: Any, lora: Any, frozen: Any, batch: tuple, capacity: int) -> jax.Array:
+    """Loss of the model in eval mode (no dropout) on ``batch``: the held-out (dev) loss."""
+    model = nnx.merge(graphdef, lora, frozen)
+    model.eval()
+    return target_loss(model, batch, capacity)
+
+
 def make_update(tx: optax.GradientTransformation) -> Callable:
     """A jitted ``(grads, opt_state, lora) -> (lora, opt_state)`` step of ``tx``."""
 
@@ -321,21 +362,26 @@ def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(
-    manager: ocp.CheckpointManager, lora: Any, opt_state: Any, losses: list[float]
+    manager: ocp.CheckpointManager,
+    lora: Any,
+    opt_state: Any,
+    losses: list[float],
+    dev: list[tuple[int, float]],
+    seconds: float,
 ) -> None:
-    """LoRA factors and optimizer state (Orbax ``StandardSave``) plus the losses (JSON)."""
+    """LoRA factors and optimizer state (Orbax ``StandardSave``) plus the train losses, the
+    ``(step, dev loss)`` history and the training seconds so far (JSON)."""
     state = {"lora": lora, "opt_state": opt_state}
+    meta = {"losses": losses, "dev": [list(d) for d in dev], "seconds": seconds}
     manager.save(
         len(losses),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"losses": losses})
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
     )
 
 
 def restore_checkpoint(
     manager: ocp.CheckpointManager, lora: Any, opt_state: Any
-) -> tuple[Any, Any, list[float]]:
+) -> tuple[Any, Any, list[float], list[tuple[int, float]], float]:
     """The latest checkpoint, restored with the shapes, dtypes and shardings of the arguments."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
     restored = manager.restore(
@@ -344,7 +390,9 @@ def restore_checkpoint(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         ),
     )
-    return restored.state["lora"], restored.state["opt_state"], restored.meta["losses"]
+    dev = [(int(step), float(loss)) for step, loss in restored.meta["dev"]]
+    meta = restored.meta
+    return restored.state["lora"], restored.state["opt_state"], meta["losses"], dev, meta["seconds"]
 
 
 # ------------------------------------------------------------------------------ run
@@ -384,23 +432,58 @@ class _Phase:
 
 @dataclasses.dataclass
 class Trained:
-    """Factors and optimizer state after training, the losses of every step, wall seconds."""
+    """One seed's run: factors and optimizer state after training, the train loss of every
+    step, the ``(step, dev loss)`` history and the wall seconds of training (those of the
+    interrupted runs included when resumed)."""
 
     lora: Any
     opt_state: Any
     losses: list[float]
+    dev: list[tuple[int, float]]
     seconds: float
 
 
 @dataclasses.dataclass
 class Result:
-    """One row of the metrics table (``metrics`` is None without evaluation)."""
+    """One row of the table: per seed the train losses, the dev-loss history (``(0, base
+    model's dev loss)`` first) and the metrics (empty without evaluation)."""
 
     name: str
     learning_rate: float | None
-    losses: list[float]
-    metrics: dict | None
-    train_seconds: float
+    losses: list[list[float]]
+    dev: list[list[tuple[int, float]]]
+    metrics: list[dict]
+    train_seconds: float  # mean over the seeds
+
+    @property
+    def final_dev(self) -> list[float]:
+        """The last dev loss of every seed."""
+        return [d[-1][1] for d in self.dev]
+
+
+@dataclasses.dataclass
+class DevSet:
+    """The held-out batch (first reference of each of the first ``--dev-size`` dev MRs)."""
+
+    batch: tuple[np.ndarray, ...]
+    capacity: int
+
+    def loss(self, setup: LoRAModel, lora: Any) -> float:
+        """Mean cross-entropy of the references, in eval mode."""
+        batch = setup.shard_batch(self.batch)
+        return float(eval_loss(setup.graphdef, lora, setup.frozen, batch, self.capacity))
+
+
+def dev_set(tokenizer: GPT2Tokenizer, args: argparse.Namespace) -> DevSet:
+    """:class:`DevSet` of ``--dev-size`` MRs (the batch is padded to a multiple of the mesh's
+    data axis with weightless rows)."""
+    groups = e2e.group_references(e2e.read_split(args.data, "dev"))[: args.dev_size]
+    rows = [(src, refs[0]) for src, refs in groups]
+    data = e2e.pack(e2e.encode_pairs(tokenizer, rows), args.max_len)
+    multiple = 8
+    pad = -len(rows) % multiple
+    data = tuple(np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in data)
+    return DevSet(data, head_capacity(data[2]))
 
 
 def train(
@@ -410,29 +493,38 @@ def train(
     args: argparse.Namespace,
     data: tuple[np.ndarray, ...],
     timer: PhaseTimer,
+    dev: DevSet | None = None,
+    seed: int | None = None,
 ) -> Trained:
-    """Fine-tune the initial factors with optimizer ``name``.
+    """Fine-tune the initial factors of ``setup`` with optimizer ``name`` (seed ``seed``,
+    default ``--seed``: data order and dropout; ``setup`` holds the seed's initial factors).
 
     Step ``t`` uses batch ``t`` of :func:`e2e.batches` and dropout key ``fold_in(key, t)``, so
-    a run resumed from a checkpoint continues exactly as an uninterrupted one. The first call
-    of each compiled function (the gradient per head capacity, shared by all optimizers, and
-    this optimizer's update) is timed as ``compile``, the other steps as ``train``.
+    a run resumed from a checkpoint continues exactly as an uninterrupted one. With ``dev`` the
+    dev loss is measured every ``--dev-every`` steps and after the last. The first call of
+    each compiled function (the gradient per head capacity, shared by all optimizers, and this
+    optimizer's update) is timed as ``compile``, the other steps as ``train``.
     """
-    tx = make_optimizer(name, learning_rate, args.alpha / args.rank)
+    seed = args.seed if seed is None else seed
+    tx = make_optimizer(name, learning_rate, args.alpha / args.rank, args.steps)
     update = make_update(tx)
     lora = jax.tree.map(jnp.copy, setup.lora)
     opt_state = setup.replicate_loose(tx.init(lora))
-    directory = args.out / "checkpoints" / name
+    directory = args.out / "checkpoints" / name / f"seed{seed}"
     if not args.resume:
         shutil.rmtree(directory, ignore_errors=True)
     manager = checkpoint_manager(directory)
     losses: list[float] = []
+    history: list[tuple[int, float]] = []
+    seconds = 0.0  # training time of earlier runs of a resumed run
     if args.resume and manager.latest_step() is not None:
-        lora, opt_state, losses = restore_checkpoint(manager, lora, opt_state)
-    key = jax.random.key(args.seed + 2)
-    stream = e2e.batches(data, args.batch_size, args.seed, start_step=len(losses))
+        lora, opt_state, losses, history, seconds = restore_checkpoint(manager, lora, opt_state)
+    key = jax.random.key(seed + 2)
+    stream = e2e.batches(data, args.batch_size, seed, start_step=len(losses))
     start, first_update = time.perf_counter(), True
-    for step in (bar := tqdm(range(len(losses), args.steps), desc=name, file=sys.stderr)):
+    elapsed = lambda: time.perf_counter() - start  # noqa: E731
+    desc = f"{name} seed {seed}"
+    for step in (bar := tqdm(range(len(losses), args.steps), desc=desc, file=sys.stderr)):
         batch = next(stream)
         capacity = head_capacity(batch[2])
         with timer.phase("compile" if capacity not in setup.compiled else "train"):
@@ -451,89 +543,124 @@ def train(
             lora, opt_state = update(grads, opt_state, lora)
             losses.append(float(loss))
         first_update = False
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if dev is not None and ((step + 1) % args.dev_every == 0 or step + 1 == args.steps):
+            with timer.phase("dev loss"):
+                history.append((step + 1, dev.loss(setup, lora)))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", dev=f"{history[-1][1]:.3f}" if history else "-")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(manager, lora, opt_state, losses)
+            save_checkpoint(manager, lora, opt_state, losses, history, seconds + elapsed())
+    seconds += elapsed()
     with timer.phase("checkpoint"):
         if manager.latest_step() != len(losses):
-            save_checkpoint(manager, lora, opt_state, losses)
+            save_checkpoint(manager, lora, opt_state, losses, history, seconds)
         manager.wait_until_finished()
         manager.close()
-    return Trained(lora, opt_state, losses, time.perf_counter() - start)
+    return Trained(lora, opt_state, losses, history, seconds)
 
 
-def evaluate(
+def decode(
     model: GPT2,
     tokenizer: GPT2Tokenizer,
     groups: list[tuple[str, list[str]]],
     args: argparse.Namespace,
-    timer: PhaseTimer,
-) -> tuple[list[str], dict]:
-    """Decode every source and score against its references."""
+) -> list[str]:
+    """Decode the source of every group (greedy or ``--beams`` beam search)."""
     prompts = [e2e.encode_prompt(tokenizer, src) for src, _ in groups]
-    with timer.phase("decode"):
-        outputs = generate(
-            model,
-            prompts,
-            max_new_tokens=args.max_new_tokens,
-            eos_id=tokenizer.eos_token_id,
-            num_beams=args.beams,
-            batch_size=50 if args.beams == 1 else 8,
-        )
-    hyps = [tokenizer.decode(o).strip() for o in outputs]
-    with timer.phase("metrics"):
-        scores = e2e_metrics(hyps, [refs for _, refs in groups], use_meteor=not args.no_meteor)
-    return hyps, scores
+    outputs = generate(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        eos_id=tokenizer.eos_token_id,
+        num_beams=args.beams,
+        batch_size=50 if args.beams == 1 else 8,
+    )
+    return [tokenizer.decode(o).strip() for o in outputs]
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    """``"mean ± sd"`` (sample standard deviation) of ``values``; just the mean for one value,
+    ``n/a`` for none."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+METRIC_DIGITS = {"BLEU": 2, "NIST": 3, "METEOR": 2, "ROUGE-L": 2, "CIDEr": 3}
 
 
 def metrics_table(results: list[Result], args: argparse.Namespace, n_eval: int) -> str:
-    """Markdown table of the scores (METEOR ``n/a`` when java is unavailable)."""
+    """Markdown table: dev loss and every metric as mean ± sd over the seeds (METEOR ``n/a``
+    when java is unavailable; no metric columns without evaluation)."""
     decoding = "greedy" if args.beams == 1 else f"beam {args.beams}"
-    lines = [
-        f"E2E-style {args.eval_split} set, {n_eval} MRs, {decoding} decoding; "
-        f"LoRA r={args.rank}, alpha={args.alpha:g} on q,v of c_attn; {args.steps} steps, "
-        f"batch {args.batch_size}; final loss = mean train loss of the last 10 steps.",
-        "",
-        "| optimizer | lr | final loss | BLEU | NIST | METEOR | ROUGE-L | CIDEr | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    head = (
+        f"LoRA r={args.rank}, alpha={args.alpha:g} on q,v of c_attn; {args.steps} steps of batch "
+        f"{args.batch_size}, warm-up {WARMUP_FRACTION:.0%} + cosine; mean ± sd over "
+        f"{args.seeds} seed(s); dev loss = held-out loss on {args.dev_size} dev MRs after the "
+        f"last step"
+    )
+    head += f"; metrics on {n_eval} {args.eval_split} MRs, {decoding} decoding." if n_eval else "."
+    columns = ["optimizer", "lr", "dev loss"]
+    columns += list(METRIC_DIGITS) if n_eval else []
+    columns += ["train s / seed"]
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in results:
-        lr = "-" if r.learning_rate is None else f"{r.learning_rate:g}"
-        loss = f"{np.mean(r.losses[-10:]):.3f}" if r.losses else "-"
-        if r.metrics is None:
-            scores = ["-"] * 5
-        else:
-            m = r.metrics
-            scores = [
-                f"{m['BLEU']:.2f}",
-                f"{m['NIST']:.3f}",
-                "n/a" if m["METEOR"] is None else f"{m['METEOR']:.2f}",
-                f"{m['ROUGE-L']:.2f}",
-                f"{m['CIDEr']:.3f}",
-            ]
-        cells = [r.name, lr, loss, *scores, f"{r.train_seconds:.0f}"]
+        cells = [r.name, "-" if r.learning_rate is None else f"{r.learning_rate:g}"]
+        cells.append(mean_sd(r.final_dev, 3))
+        if n_eval:
+            for metric, digits in METRIC_DIGITS.items():
+                values = [m[metric] for m in r.metrics if m[metric] is not None]
+                cells.append(mean_sd(values, digits))
+        cells.append("-" if r.learning_rate is None else f"{r.train_seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+LINE_STYLES = ["-", "--", "-.", ":"]
+
+
 def plot_losses(results: list[Result], path: Path) -> None:
-    """Training loss of every optimizer (EMA-smoothed) on one plot."""
+    """Dev loss vs step of every optimizer: mean over the seeds with a ±sd band, the base
+    model's dev loss as a reference line; the right panel zooms into the second half."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        if not r.losses:
-            continue
-        smooth, ema = [], r.losses[0]
-        for x in r.losses:
-            ema = 0.8 * ema + 0.2 * x
-            smooth.append(ema)
-        ax.plot(np.arange(1, len(smooth) + 1), smooth, label=r.name)
-    ax.set(xlabel="step", ylabel="train loss (EMA 0.8)", yscale="log", title="LoRA fine-tuning")
-    ax.legend()
+    base = next((r for r in results if r.learning_rate is None), None)
+    runs = [r for r in results if r.learning_rate is not None and r.dev and r.dev[0]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=[1, 1.25])
+    colours = plt.get_cmap("tab10").colors
+    last = max((d[-1][0] for r in runs for d in r.dev), default=1)
+    for i, r in enumerate(runs):
+        steps = np.array([s for s, _ in r.dev[0]])
+        values = np.array([[v for _, v in d] for d in r.dev if len(d) == len(steps)])
+        mean = values.mean(axis=0)
+        sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
+        style = {"color": colours[i % len(colours)], "linestyle": LINE_STYLES[i % 4]}
+        for ax in axes:
+            ax.plot(steps, mean, lw=1.8, label=r.name, **style)
+            ax.fill_between(steps, mean - sd, mean + sd, color=style["color"], alpha=0.18, lw=0)
+    if base is not None and base.dev:
+        axes[0].axhline(base.final_dev[0], color="black", lw=1.2, ls=(0, (1, 3)),
+                        label=f"base model ({base.final_dev[0]:.2f})")  # fmt: skip
+    finals = [np.mean(r.final_dev) for r in runs]
+    if finals:
+        half = [v for r in runs for d in r.dev for s, v in d if s >= last / 2]
+        pad = 0.05 * (max(half) - min(half) + 1e-3)
+        axes[1].set_ylim(min(half) - pad, max(half) + pad)
+        axes[1].set_xlim(last / 2, last)
+    axes[0].set(xlabel="step", ylabel="dev loss (nats / token)", title="held-out loss")
+    axes[1].set(xlabel="step", title="second half (zoom)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[1].get_legend_handles_labels()
+    if base is not None and base.dev:
+        handles += axes[0].get_legend_handles_labels()[0][-1:]
+        labels += axes[0].get_legend_handles_labels()[1][-1:]
+    axes[1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.suptitle("LoRA fine-tuning of the bundled GPT-2: mean ± sd over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -547,47 +674,138 @@ def eval_groups(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return groups if args.eval_size < 0 else groups[: args.eval_size]
 
 
+def evaluate_all(
+    base: Result,
+    base_setup: LoRAModel,
+    trained: dict[str, list[tuple[LoRAModel, Trained]]],
+    seeds: list[int],
+    tokenizer: GPT2Tokenizer,
+    groups: list[tuple[str, list[str]]],
+    args: argparse.Namespace,
+    timer: PhaseTimer,
+) -> tuple[dict[str, list[list[str]]], dict[str, list[dict]]]:
+    """Decode and score the base model and every trained model: ``{name: [per seed]}`` of
+    outputs and of metrics.
+
+    Each run's outputs and scores are kept next to its checkpoint (``eval.json``, with the
+    evaluation settings and the step); ``--resume`` reuses them when those match, so a resumed
+    run re-evaluates only what changed.
+    """
+    models = [(base.name, base_setup, base_setup.lora, None)]
+    for name, runs in trained.items():
+        for seed, (setup, run) in zip(seeds, runs, strict=True):
+            cache = args.out / "checkpoints" / name / f"seed{seed}" / "eval.json"
+            models.append((name, setup, run.lora, (cache, len(run.losses))))
+    settings = {k: getattr(args, k) for k in ("eval_split", "eval_size", "beams", "max_new_tokens")}
+    settings["meteor"] = not args.no_meteor
+    done: dict[int, dict] = {}
+    for i, (_, _, _, cache) in enumerate(models):
+        if cache is not None and args.resume and cache[0].exists():
+            saved = json.loads(cache[0].read_text())
+            if saved["settings"] == settings and saved["step"] == cache[1]:
+                done[i] = saved
+    todo = [i for i in range(len(models)) if i not in done]
+    with timer.phase("decode"):
+        for i in tqdm(todo, desc="decode", file=sys.stderr):
+            _, setup, lora, _ = models[i]
+            done[i] = {"hyps": decode(setup.module(lora), tokenizer, groups, args)}
+    with timer.phase("metrics"):
+        refs = [r for _, r in groups]
+        for i in tqdm(todo, desc="score", file=sys.stderr):
+            done[i]["scores"] = e2e_metrics(done[i]["hyps"], refs, use_meteor=not args.no_meteor)
+            if (cache := models[i][3]) is not None:
+                saved = {"settings": settings, "step": cache[1], **done[i]}
+                cache[0].write_text(json.dumps(saved))
+    hyps: dict[str, list[list[str]]] = {}
+    scores: dict[str, list[dict]] = {}
+    for i, (name, *_) in enumerate(models):
+        hyps.setdefault(name, []).append(done[i]["hyps"])
+        scores.setdefault(name, []).append(done[i]["scores"])
+    return hyps, scores
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persist compiled XLA executables in ``directory`` (``""``: off), so that a second run
+    skips the compilation of the gradient, the updates and decoding."""
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).resolve()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str] | None = None) -> list[Result]:
-    """Run the job; returns the base-model row (when evaluating) and one result per optimizer."""
+    """Run the job; returns the base-model row and one result per optimizer.
+
+    Writes ``metrics.md`` (and the per-seed numbers, ``metrics.json``) only when it evaluates
+    (``--eval-size`` ≠ 0): a run without evaluation writes its table of dev losses to
+    ``losses.md`` (``losses.json``) and leaves a scored table alone.
+    """
     args = parse_args(argv)
+    enable_compilation_cache(args.jax_cache)
     timer = PhaseTimer()
     start, cpu_start = time.perf_counter(), PhaseTimer.cpu()
     chosen = parse_optimizers(args.optimizers, args.lr_scale)
+    seeds = list(range(args.seed, args.seed + args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     with timer.phase("setup"):
         tokenizer = GPT2Tokenizer.load(args.checkpoint)
         pairs = e2e.encode_pairs(tokenizer, e2e.read_split(args.data, "train"))
         data = e2e.pack(pairs, args.max_len)
         groups = eval_groups(args)
-        setup = lora_model(args)
-    if setup.mesh is not None and args.batch_size % setup.mesh.shape["data"]:
+        dev = dev_set(tokenizer, args)
+        setups = {(False, seeds[0]): lora_model(args, seed=seeds[0])}
+    base_setup = setups[(False, seeds[0])]
+    if base_setup.mesh is not None and args.batch_size % base_setup.mesh.shape["data"]:
         raise SystemExit(f"--batch-size {args.batch_size} must divide by the data axis")
 
-    results = []
-    if groups:  # b = 0: the factors leave the base model's function unchanged
-        _, scores = evaluate(setup.module(setup.lora), tokenizer, groups, args, timer)
-        results.append(Result("base model (no fine-tuning)", None, [], scores, 0.0))
-    setups = {False: setup}
-    for name, lr in chosen.items():
+    with timer.phase("dev loss"):  # b = 0: the factors leave the base model's function unchanged
+        base_dev = dev.loss(base_setup, base_setup.lora)
+    base = Result("base model (no fine-tuning)", None, [], [[(0, base_dev)]], [], 0.0)
+    trained: dict[str, list[tuple[LoRAModel, Trained]]] = {}
+    for name in chosen:
         stats = OPTIMIZERS[name].grad_stats
-        if stats not in setups:
-            with timer.phase("setup"):
-                setups[stats] = lora_model(args, grad_stats=stats)
-        run = train(name, lr, setups[stats], args, data, timer)
-        scores = None
-        if groups:
-            model = setups[stats].module(run.lora)
-            hyps, scores = evaluate(model, tokenizer, groups, args, timer)
-            samples = [f"{src}\n  -> {hyp}\n" for (src, _), hyp in zip(groups, hyps, strict=True)]
+        for seed in seeds:
+            if (stats, seed) not in setups:
+                with timer.phase("setup"):
+                    setups[(stats, seed)] = lora_model(args, grad_stats=stats, seed=seed)
+            setup = setups[(stats, seed)]
+            run = train(name, chosen[name], setup, args, data, timer, dev, seed)
+            run.dev.insert(0, (0, base_dev))
+            trained.setdefault(name, []).append((setup, run))
+
+    scores: dict[str, list[dict]] = {}
+    if groups:
+        hyps, scores = evaluate_all(
+            base, base_setup, trained, seeds, tokenizer, groups, args, timer
+        )
+        base.metrics = scores[base.name]
+        for name in trained:
+            samples = [f"{s}\n  -> {h}\n" for (s, _), h in zip(groups, hyps[name][0], strict=True)]
             (args.out / f"samples_{name}.txt").write_text("\n".join(samples))
-        results.append(Result(name, lr, run.losses, scores, run.seconds))
+    results = [base]
+    for name, runs in trained.items():
+        results.append(
+            Result(
+                name,
+                chosen[name],
+                [run.losses for _, run in runs],
+                [run.dev for _, run in runs],
+                scores.get(name, []),
+                float(np.mean([run.seconds for _, run in runs])),
+            )
+        )
 
     with timer.phase("report"):
         table = metrics_table(results, args, len(groups))
         plot_losses(results, args.out / "loss.png")
     wall, cpu = time.perf_counter() - start, PhaseTimer.cpu() - cpu_start
     timing = f"Wall time: {timer.summary()} (measured {wall:.0f} s; process CPU {cpu:.0f} s)."
-    (args.out / "metrics.md").write_text(f"{table}\n{timing}\n")
+    report = "metrics" if groups else "losses"
+    (args.out / f"{report}.md").write_text(f"{table}\n{timing}\n")
+    rows = [{"name": r.name, "learning_rate": r.learning_rate, "dev": r.dev, "metrics": r.metrics,
+             "train_seconds": r.train_seconds} for r in results]  # fmt: skip
+    (args.out / f"{report}.json").write_text(json.dumps({"rows": rows, "wall_s": wall}, indent=1))
     print(table)
     print(timing)
     return results

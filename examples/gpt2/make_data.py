@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowrank_optax.models.e2e import write_csv
-from lowrank_optax.models.restaurants import make_data_to_text
+from e2e import write_csv
+from restaurants import make_data_to_text
 
 SPLITS = (  # file, number of MRs, references per MR, seed
     ("trainset.csv", 1200, 3, 0),

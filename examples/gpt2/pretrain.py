@@ -2,7 +2,7 @@
 
     python examples/gpt2/pretrain.py                 # about 6 min on a 2-core CPU
 
-The corpus is generated on the fly by ``lowrank_optax.models.restaurants.make_pretraining_text``
+The corpus is generated on the fly by ``restaurants.make_pretraining_text``
 (first-person restaurant reviews, local-guide paragraphs and town descriptions: no MRs, so the
 data-to-text mapping is left to fine-tuning). The model has GPT-2's BPE vocabulary and the
 ``mini`` shape (4 layers, 4 heads, n_embd 128, 256 positions) and is written in Hugging Face's
@@ -24,8 +24,9 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from lowrank_optax.models import GPT2, GPT2Config, GPT2Tokenizer, save_gpt2
-from lowrank_optax.models.restaurants import make_pretraining_text
+from gpt2 import GPT2, GPT2Config, save_gpt2
+from restaurants import make_pretraining_text
+from tokenizer import GPT2Tokenizer
 
 
 def token_windows(docs: list[str], tokenizer: GPT2Tokenizer, length: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank_optax.models.tokenizer import GPT2Tokenizer
+from tokenizer import GPT2Tokenizer
 
 SPLIT_FILES = {
     "train": ("trainset.csv", "train.txt"),

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowrank_optax.models.gpt2 import GPT2, KVCache
+from gpt2 import GPT2, KVCache
 
 Array = jax.Array
 
