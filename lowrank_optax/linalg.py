@@ -45,9 +45,10 @@ __all__ = [
 ]
 
 #: Relative floor of :func:`damping`, in units of the compute dtype's machine epsilon times the
-#: Gram's largest diagonal entry (between ``λ_max / r`` and ``λ_max``): the size of the rounding
-#: errors of a Gram computed in that dtype, so a shift float arithmetic resolves; small enough
-#: to cost a well-conditioned solve no more accuracy than the rounding itself.
+#: Gram's mean eigenvalue ``tr(S)/r`` (between ``λ_max / r`` and ``λ_max``; orthogonally
+#: invariant): the size of the rounding errors of a Gram computed in that dtype, so a shift float
+#: arithmetic resolves; small enough to cost a well-conditioned solve no more accuracy than the
+#: rounding itself.
 RELATIVE_FLOOR = 4.0
 #: Maximum number of Jacobi sweeps (quadratic convergence: float32 needs ~5–7 for r ≤ 64).
 _MAX_SWEEPS = 20
@@ -74,15 +75,15 @@ def _eps(dtype) -> jax.Array:
 def _floor(s: jax.Array) -> jax.Array:
     """The Gram-relative and absolute floors of :func:`damping`, shape ``(..., 1, 1)``."""
     eps = _eps(s.dtype)
-    top = jnp.max(jnp.abs(jnp.diagonal(s, axis1=-2, axis2=-1)), axis=-1)[..., None, None]
-    return jnp.maximum(RELATIVE_FLOOR * eps * top, eps * eps)
+    mean = jnp.abs(jnp.trace(s, axis1=-2, axis2=-1))[..., None, None] / s.shape[-1]
+    return jnp.maximum(RELATIVE_FLOOR * eps * mean, eps * eps)
 
 
 def damping(gram: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
-    """The regulariser actually added to ``gram``: ``max(δ, 4·eps·max_i gram_ii, eps²)``.
+    """The regulariser actually added to ``gram``: ``max(δ, 4·eps·tr(gram)/r, eps²)``.
 
     ``δ`` is the user's (the papers') absolute regulariser and keeps its meaning whenever it is
-    above the floors. ``4·eps·max_i gram_ii`` (``eps`` of ``gram``'s dtype: 1.2e-7 in float32)
+    above the floors. ``4·eps·tr(gram)/r`` (``eps`` of ``gram``'s dtype: 1.2e-7 in float32)
     is the size of the rounding errors of the Gram itself: a smaller ``δ`` is lost in them
     (LoRA-Pro's ``δ = 1e-8`` on a unit-scale Gram in float32) and a rank-deficient Gram could
     factor into non-finite numbers. ``eps²`` (1.4e-14 in float32) keeps a zero Gram invertible.

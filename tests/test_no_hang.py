@@ -131,6 +131,7 @@ def _main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--trials", type=int, default=1)
     parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=TIMEOUT)
     parser.add_argument("names", nargs="*")
     args = parser.parse_args()
     if args.child:
@@ -138,7 +139,7 @@ def _main() -> None:
         return
     for trial in range(args.trials):
         begin = time.perf_counter()
-        outcome = run_groups(args.rank, args.processes)
+        outcome = run_groups(args.rank, args.processes, args.timeout)
         bad = {n: r for n, r in outcome.items() if r != "ok"}
         print(f"rank {args.rank} trial {trial}: {time.perf_counter() - begin:.0f}s, "
               f"{len(outcome) - len(bad)}/{len(outcome)} ok, bad: {bad}", flush=True)
