@@ -31,8 +31,11 @@ from lowrank_optax.pairs import (
     is_pair_node,
     keep_update_dtypes,
 )
+from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = ["loraplus", "scale_b_factor"]
+
+_NON_PAIR = ("error", "keep")
 
 
 def _scale_pair_b(node: Any, ratio: Any, keys: PairKeys) -> Any:
@@ -51,11 +54,13 @@ def scale_b_factor(
     """Multiplies the updates of every pair's ``b`` factor by ``ratio``; ``a`` is unchanged.
 
     Args:
-      ratio: the LoRA+ ratio ``λ = lr_b / lr_a``.
+      ratio: the LoRA+ ratio ``λ = lr_b / lr_a > 0``.
       non_pair: what to do with leaves outside pairs: ``"error"`` (default) raises naming the
         tree path; ``"keep"`` passes their updates through unscaled.
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("scale_b_factor", ratio=ratio)
+    check_choice("scale_b_factor", "non_pair", non_pair, _NON_PAIR)
 
     def init_fn(params: optax.Params) -> optax.EmptyState:
         del params
@@ -99,18 +104,23 @@ def loraplus(
     Args:
       base: an ``optax.GradientTransformation`` whose update is proportional to its learning
         rate (any optax optimizer, or a pair optimizer of this library), or a factory.
-      ratio: ``λ = lr_b / lr_a``; default 16 (= 2⁴, the paper's recommendation).
+      ratio: ``λ = lr_b / lr_a > 0``; default 16 (= 2⁴, the paper's recommendation).
       non_pair: ``"error"`` (default) or ``"keep"``: see :func:`scale_b_factor`.
       keys: mapping keys of the factors in the tree.
       **base_kwargs: arguments of ``base`` when it is a factory.
 
     Updates keep the dtype of the incoming gradients (bf16 stays bf16).
     """
+    check_hyperparams("loraplus", ratio=ratio)
+    check_choice("loraplus", "non_pair", non_pair, _NON_PAIR)
     if not isinstance(base, optax.GradientTransformation):
+        if not callable(base):
+            raise TypeError(f"loraplus: base must be an optax.GradientTransformation or a "
+                            f"factory of one, got {base!r}")
         base = base(**base_kwargs)
     elif base_kwargs:
         raise TypeError(f"loraplus got keyword arguments {sorted(base_kwargs)} for a ready "
                         "transformation; pass a factory to configure it")
-    return keep_update_dtypes(
+    return with_state_check("loraplus", keep_update_dtypes(
         optax.chain(base, scale_b_factor(ratio, non_pair=non_pair, keys=keys))
-    )
+    ), keys)
