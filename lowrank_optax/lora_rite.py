@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_optax.linalg import mT, qr
+from lowrank_optax.linalg import eigh, eigvalsh, mT, pinv, qr
 from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
@@ -110,7 +110,7 @@ class _Frames(NamedTuple):
 def _frames(p: LoRAPair) -> _Frames:
     q_a, r_a = qr(p.a)
     q_b, r_b = qr(p.b.T)
-    return _Frames(q_a, q_b, jnp.linalg.pinv(r_a), jnp.linalg.pinv(r_b))
+    return _Frames(q_a, q_b, pinv(r_a), pinv(r_b))
 
 
 def _skip(x: jax.Array, threshold: Any) -> jax.Array:
@@ -139,13 +139,13 @@ def _factor_side(gbar, mu, nu, escape, rotation, t, hp: _Hyper):
     beta2 = _bias_corrected_decay(jnp.asarray(hp.b2, gbar.dtype), t)
     transported = _sym(rotation @ nu @ mT(rotation))
     if hp.escape:
-        lost_eig = jnp.max(jnp.linalg.eigvalsh(nu) - jnp.linalg.eigvalsh(transported))
+        lost_eig = jnp.max(eigvalsh(nu) - eigvalsh(transported))
         lost_trace = jnp.trace(nu) - jnp.trace(transported)
         mass = jnp.minimum(jnp.maximum(lost_eig, 0.0), jnp.maximum(lost_trace, 0.0))
         escape = beta2 * (mass + escape)
     second = _sym(mT(gbar) @ gbar) / gbar.shape[0]
     nu = _sym((1 - beta2) * second + beta2 * transported)
-    lam, z = jnp.linalg.eigh(nu)
+    lam, z = eigh(nu)
     inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + escape) + hp.eps)
     preconditioned = gbar @ _sym((z * inv_root) @ mT(z))
     mu = (1 - beta1) * preconditioned + beta1 * (mu @ mT(rotation))
