@@ -41,6 +41,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.riemannian import gram_scale
 from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = [
@@ -76,7 +77,11 @@ def equivalent_factor_grads(
 
 
 def scale_by_lora_pro(
-    scale: float = 1.0, delta: float = 1e-8, *, keys: PairKeys = DEFAULT_KEYS
+    scale: float = 1.0,
+    delta: float = 1e-8,
+    *,
+    normalize_grams: bool = False,
+    keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro equivalent gradients, ``X`` from the Sylvester equation (the SGD direction).
 
@@ -89,6 +94,9 @@ def scale_by_lora_pro(
         hard-codes ``s = 2`` for its ``alpha=16, r=8`` runs; pass the model's ``alpha / r``.
       delta: ``δ ≥ 0`` regularising both r×r Grams; default 1e-8 (the official code's value). It
         keeps ``b = 0`` finite: there ``∇a = 0`` and the Sylvester right-hand side vanish.
+      normalize_grams: multiply ``u_a`` by ``s_b = tr(b bᵀ)/r + δ`` and ``u_b`` by
+        ``s_a = tr(aᵀa)/r + δ``, the mean eigenvalues of the Grams they invert. Default False
+        (the paper's rule); meant for an Adam that follows (``lora_pro_adamw(full_state=False)``).
       keys: mapping keys of the factors in the tree.
 
     Returns:
@@ -104,7 +112,11 @@ def scale_by_lora_pro(
         require_params(params, "scale_by_lora_pro")
 
         def fn(g, p):
-            return equivalent_factor_grads(p.a, p.b, g.a, g.b, scale, delta)
+            u = equivalent_factor_grads(p.a, p.b, g.a, g.b, scale, delta)
+            if not normalize_grams:
+                return u
+            return LoRAPair(u.a * gram_scale(linalg.gram_b(p.b), delta),
+                            u.b * gram_scale(linalg.gram_a(p.a), delta))
 
         return map_pairs(fn, updates, params, keys=keys), state
 
@@ -235,6 +247,7 @@ def lora_pro_adamw(
     scale: float = 1.0,
     delta: float = 1e-8,
     full_state: bool = True,
+    normalize_grams: bool = True,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro AdamW.
@@ -245,7 +258,13 @@ def lora_pro_adamw(
 
     ``full_state=False`` is the earlier public ``LoRAProAdamW`` (``peta/optim.py``): Adam on the
     factor-shaped equivalent gradients ``(u_a, u_b)``, memory ``2·(m + n)·r`` per pair. It is a
-    different algorithm: elementwise Adam on factors is not transformation invariant.
+    different algorithm: elementwise Adam on factors is not transformation invariant. Its
+    robust start (``normalize_grams=True``, the default) multiplies ``u_a`` by the mean eigenvalue
+    ``s_b = tr(b bᵀ)/r + δ`` of ``b bᵀ`` and ``u_b`` by ``s_a`` before Adam: ``u_a`` carries the
+    ``1/‖b‖²`` size of ``(b bᵀ)⁻¹``, which from ``b = 0`` under a warm-up fills Adam's ``v`` with
+    a transient and freezes ``a`` (issue-12 toy: relative loss 0.39, see
+    ``docs/methods/lora_pro.md``); Adam removes constant factors, so nothing else changes.
+    ``normalize_grams=False`` is ``LoRAProAdamW``'s rule.
 
     Weight decay is decoupled (``optax.add_decayed_weights`` on both factors).
 
@@ -257,6 +276,9 @@ def lora_pro_adamw(
       scale: LoRA scale ``s > 0``, default 1.0.
       delta: Gram regulariser ``≥ 0``, default 1e-8.
       full_state: m×n moments (published method) or factor-space moments (see above).
+      normalize_grams: the factor-space robust start (above), default True; not used with
+        ``full_state=True`` (its moments live in ``m×n`` space, where the factors' scale does
+        not enter).
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("lora_pro_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
@@ -266,7 +288,7 @@ def lora_pro_adamw(
     else:
         direction = keep_update_dtypes(
             optax.chain(
-                scale_by_lora_pro(scale, delta, keys=keys),
+                scale_by_lora_pro(scale, delta, normalize_grams=normalize_grams, keys=keys),
                 optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
             )
         )

@@ -490,14 +490,37 @@ def abstract_safe_init(init_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapped
 
 
-def keep_update_dtypes(inner: Any) -> Any:
-    """Wraps an ``optax.GradientTransformation`` so its updates keep the incoming dtypes.
+def _float16_to_float32(tree: Any) -> Any:
+    """float16 leaves (arrays or ``jax.ShapeDtypeStruct``) as float32; other leaves unchanged."""
 
-    Optax's Adam promotes bf16 updates to float32 through its float32 bias corrections; this
-    casts them back, so bf16 models get bf16 updates from every optimizer of the library.
+    def lift(x: Any) -> Any:
+        if getattr(x, "dtype", None) != jnp.float16:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding)
+        return x.astype(jnp.float32)
+
+    return jax.tree.map(lift, tree)
+
+
+def keep_update_dtypes(inner: Any) -> Any:
+    """Wraps an ``optax.GradientTransformation``: float32 state for float16 params, and updates
+    in the incoming dtypes.
+
+    float16 params and updates are lifted to float32 before ``inner`` sees them, so its state
+    (Adam's moments) is float32: float16 cannot hold Adam's ``eps = 1e-8`` (it rounds to 0, and
+    ``0/0`` at a zero gradient is NaN) nor the squares of gradients below ~2e-4. bf16, which has
+    float32's exponent range, is passed through (moments follow ``optax.scale_by_adam``). Optax's
+    Adam promotes bf16 updates to float32 through its float32 bias corrections; the updates are
+    cast back, so bf16 and float16 models get updates in their own dtype.
     """
+
+    def init_fn(params):
+        return inner.init(_float16_to_float32(params))
+
     def update_fn(updates, state, params=None, **extra_args):
-        new_updates, state = inner.update(updates, state, params, **extra_args)
+        new_updates, state = inner.update(_float16_to_float32(updates), state,
+                                          _float16_to_float32(params), **extra_args)
         return jax.tree.map(lambda n, o: n.astype(o.dtype), new_updates, updates), state
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,6 +11,17 @@ Paper notation (``W = W0 + B A``, ``B: out×r``, ``A: r×in``): ``a = Aᵀ``, ``
 transposed. Both preconditioners use the pre-step factors (a simultaneous update, not
 Gauss–Seidel).
 
+Scaled AdamW normalises the two Grams by default (``normalize_grams=True``): each is divided by
+its mean eigenvalue before inverting, ``∇a ((b bᵀ + δI)/s_b)⁻¹`` with ``s_b = tr(b bᵀ)/r + δ``.
+The paper's rule (``normalize_grams=False``) feeds Adam ``∇a (b bᵀ + δI)⁻¹``, whose size is
+``∝ ‖G‖/‖b‖``: from the zero-initialised ``b``, while a warm-up keeps ``b`` small, it is
+hundreds of times larger than later on, and Adam's second moment remembers it for
+``~1/(1 − b2)`` steps, freezing ``a`` (on the issue-12 toy: ``‖ĝa‖`` falls from 1.8e3 to 3 and
+the loss stalls at 0.41 of its start where AdamW reaches 7e-8). Adam removes any constant
+factor of its input, so the normalisation changes nothing while the Gram scale is steady; it
+only takes the transient out of ``v``. Scaled GD keeps the paper's rule: there the Gram scale
+is the step size.
+
 Reference: F. Zhang and M. Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation
 Models", ICML 2024, Algorithms 1 (scaled AdamW) and 2 (scaled GD); T. Tong, C. Ma and Y. Chi,
 "Accelerating ill-conditioned low-rank matrix estimation via scaled gradient descent", JMLR 2021.
@@ -21,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lowrank_optax import linalg
@@ -37,6 +49,7 @@ from lowrank_optax.pairs import (
 from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = [
+    "gram_scale",
     "precondition_pair",
     "scale_by_riemannian_precond",
     "scale_by_scaled_adam",
@@ -45,16 +58,34 @@ __all__ = [
 ]
 
 
-def precondition_pair(g: LoRAPair, p: LoRAPair, delta: float | jax.Array) -> LoRAPair:
-    """``(∇a (b bᵀ + δI)⁻¹, (aᵀa + δI)⁻¹ ∇b)`` for one 2-D pair (or a batch of pairs)."""
-    return LoRAPair(
-        linalg.solve_spd_right(g.a, linalg.gram_b(p.b), delta),
-        linalg.solve_spd(linalg.gram_a(p.a), g.b, delta),
-    )
+def gram_scale(gram: jax.Array, delta: float | jax.Array) -> jax.Array:
+    """Mean eigenvalue of ``gram + δI``, ``tr(gram)/r + δ``, shaped ``(..., 1, 1)``.
+
+    Dividing a Gram by it keeps the Gram's shape (its conditioning, its eigenvectors) and removes
+    its size; ``δ > 0`` keeps it positive at a zero factor.
+    """
+    r = gram.shape[-1]
+    return (jnp.trace(gram, axis1=-2, axis2=-1) / r + delta)[..., None, None]
+
+
+def precondition_pair(
+    g: LoRAPair, p: LoRAPair, delta: float | jax.Array, normalize_grams: bool = False
+) -> LoRAPair:
+    """``(∇a (b bᵀ + δI)⁻¹, (aᵀa + δI)⁻¹ ∇b)`` for one 2-D pair (or a batch of pairs).
+
+    With ``normalize_grams`` each Gram is first divided by its mean eigenvalue
+    (:func:`gram_scale`): ``(∇a ((b bᵀ + δI)/s_b)⁻¹, ((aᵀa + δI)/s_a)⁻¹ ∇b)``.
+    """
+    gram_a, gram_b = linalg.gram_a(p.a), linalg.gram_b(p.b)
+    pre_a = linalg.solve_spd_right(g.a, gram_b, delta)
+    pre_b = linalg.solve_spd(gram_a, g.b, delta)
+    if normalize_grams:
+        pre_a, pre_b = pre_a * gram_scale(gram_b, delta), pre_b * gram_scale(gram_a, delta)
+    return LoRAPair(pre_a, pre_b)
 
 
 def scale_by_riemannian_precond(
-    delta: float = 1e-6, *, keys: PairKeys = DEFAULT_KEYS
+    delta: float = 1e-6, *, normalize_grams: bool = False, keys: PairKeys = DEFAULT_KEYS
 ) -> optax.GradientTransformation:
     """Preconditions each factor gradient with the r×r Gram of the other factor.
 
@@ -71,6 +102,9 @@ def scale_by_riemannian_precond(
       delta: ``δ ≥ 0`` regulariser of both r×r Grams. Default ``1e-6`` as in the paper's GPT-2
         experiments: it keeps the zero-initialised ``b`` finite (the first ``a`` step is
         ``0·δ⁻¹ = 0``) while leaving well-conditioned Grams essentially unchanged.
+      normalize_grams: divide each Gram by its mean eigenvalue before inverting (see
+        :func:`precondition_pair`); the direction is then ``s_b·u_a``, ``s_a·u_b``. Default
+        False (the paper's rule); meant for an Adam that follows (:func:`scale_by_scaled_adam`).
       keys: mapping keys of the factors in the tree.
 
     Returns:
@@ -84,8 +118,8 @@ def scale_by_riemannian_precond(
 
     def update_fn(updates, state, params=None):
         require_params(params, "scale_by_riemannian_precond")
-        new_updates = map_pairs(lambda g, p: precondition_pair(g, p, delta), updates, params,
-                                keys=keys)
+        new_updates = map_pairs(lambda g, p: precondition_pair(g, p, delta, normalize_grams),
+                                updates, params, keys=keys)
         return new_updates, state
 
     return with_state_check("scale_by_riemannian_precond",
@@ -138,12 +172,13 @@ def scale_by_scaled_adam(
     eps: float = 1e-8,
     delta: float = 1e-6,
     *,
+    normalize_grams: bool = True,
     mu_dtype: Any = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """Scaled Adam direction: precondition each raw gradient, then Adam as ``optax.adam``.
 
-    Per step (Zhang & Pilanci, Algorithm 1)::
+    Per step (Zhang & Pilanci, Algorithm 1, with ``normalize_grams=False``)::
 
         ĝa = ∇a (b bᵀ + δI)⁻¹,  ĝb = (aᵀa + δI)⁻¹ ∇b      (pre-step factors)
         m ← b1 m + (1 − b1) ĝ,   v ← b2 v + (1 − b2) ĝ²
@@ -154,18 +189,25 @@ def scale_by_scaled_adam(
     The paper finds preconditioning every gradient better than preconditioning Adam's output
     (its Theorem 4.1 analyses the latter); this is the former, its practical method.
 
+    By default (``normalize_grams=True``) ``ĝa`` and ``ĝb`` are multiplied by the mean
+    eigenvalues ``s_b = tr(b bᵀ)/r + δ`` and ``s_a = tr(aᵀa)/r + δ`` of the Grams they invert:
+    the same direction with the ``1/‖b‖²`` size of the preconditioner removed, so that the
+    start from ``b = 0`` under a warm-up does not fill ``v`` (see the module docstring).
+
     Args:
       b1: first-moment decay in ``[0, 1)``, default 0.9 (the paper's and ``optax.adam``'s).
       b2: second-moment decay in ``[0, 1)``, default 0.999.
       eps: ``≥ 0``, added to ``√v̂`` (outside the root, as ``optax.adam``), default 1e-8.
       delta: Gram regulariser ``≥ 0``, default 1e-6 (paper's GPT-2 setting).
+      normalize_grams: normalise each Gram by its mean eigenvalue (default True, the robust
+        start); False is the paper's exact rule.
       mu_dtype: dtype of the first moment (``optax.scale_by_adam``'s).
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, delta=delta)
     return with_state_check("scale_by_scaled_adam", keep_update_dtypes(
         optax.chain(
-            scale_by_riemannian_precond(delta, keys=keys),
+            scale_by_riemannian_precond(delta, normalize_grams=normalize_grams, keys=keys),
             optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
         )
     ), keys)
@@ -179,13 +221,16 @@ def scaled_adamw(
     weight_decay: float = 0.0,
     delta: float = 1e-6,
     *,
+    normalize_grams: bool = True,
     mu_dtype: Any = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """Scaled AdamW for LoRA pairs (Zhang & Pilanci, 2024, Algorithm 1).
 
     :func:`scale_by_scaled_adam`, then decoupled weight decay on the parameters, then
-    ``−learning_rate``. Defaults reproduce the paper with ``scale = 1``; its GPT-2 runs use
+    ``−learning_rate``. With ``normalize_grams=False`` it is the paper's Algorithm 1 with
+    ``scale = 1``; the default normalises the Grams (robust start, see the module docstring).
+    The paper's GPT-2 runs use
     ``weight_decay=0.01`` (the default here is 0.0 as fixed by the library's design, so that the
     zero-``b`` start is not pulled towards zero before it has moved).
 
@@ -194,13 +239,15 @@ def scaled_adamw(
       b1, b2, eps: Adam hyperparameters, as ``optax.adamw`` (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``).
       weight_decay: decoupled weight decay coefficient ``≥ 0``.
       delta: Gram regulariser ``≥ 0`` (see :func:`scale_by_riemannian_precond`).
+      normalize_grams: default True (robust start); False gives the paper's exact rule.
       mu_dtype: dtype of the first moment.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scaled_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay, delta=delta)
     return with_state_check("scaled_adamw", optax.chain(
-        scale_by_scaled_adam(b1, b2, eps, delta, mu_dtype=mu_dtype, keys=keys),
+        scale_by_scaled_adam(b1, b2, eps, delta, normalize_grams=normalize_grams,
+                             mu_dtype=mu_dtype, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     ), keys)

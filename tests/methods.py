@@ -2,7 +2,9 @@
 
 ``factory(learning_rate, **kwargs)`` builds the full optimizer; ``learning_rate`` is one at which
 the method solves the battery's matrix-factorisation problem from a zero-initialised ``b``
-(see ``problems.py``) within ``steps`` steps.
+(see ``problems.py``) within ``steps`` steps. ``linear_in_lr`` is False for a method whose step
+is not proportional to the learning rate (AltLoRA+'s joint mode preconditions ``b`` with the
+already-updated ``a = a − lr·u_a``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Method:
     learning_rate: float
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     steps: int = 300
+    linear_in_lr: bool = True
 
     def make(self, learning_rate: Any = None) -> optax.GradientTransformation:
         lr = self.learning_rate if learning_rate is None else learning_rate
@@ -48,7 +51,7 @@ METHODS: list[Method] = [
     Method("scaled_adamw", lro.scaled_adamw, 0.03),
     Method("loraplus_adamw", _loraplus_adamw, 0.03),
     Method("altlora", lro.altlora, 0.1),
-    Method("altlora_plus", lro.altlora_plus, 0.1),
+    Method("altlora_plus", lro.altlora_plus, 0.1, linear_in_lr=False),
     Method("lora_pro_sgd", lro.lora_pro_sgd, 0.3),
     Method("lora_pro_adamw", lro.lora_pro_adamw, 0.05),
     Method("lora_pro_adamw_factor", lro.lora_pro_adamw, 0.03, {"full_state": False}),

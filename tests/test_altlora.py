@@ -43,10 +43,19 @@ def _problem(seed=0):
 
 
 def _transcribe(big_a, big_b, full_grad, steps, lr, *, b1=0.9, wd=0.0, s=1.0, delta=0.0,
-                order="b_first", plus=False, b2=0.999, eps=1e-8, joint=False):
+                order="b_first", plus=False, b2=0.999, eps=1e-8, joint=False, normalize=True):
     """Algorithm 1 in paper notation (Theorem 2 transport); AltLoRA+ as the official code with
-    both moments Adam-bias-corrected by the factor's own update count."""
+    both moments Adam-bias-corrected by the factor's own update count and, with ``normalize``
+    (the library default), each preconditioned gradient times the mean eigenvalue of the Gram
+    it inverts and the transported moment times the ratio of that to the anchor's."""
     eye = np.eye(R)
+
+    def scales(gram, anchor_gram):
+        if not (plus and normalize):
+            return 1.0, 1.0
+        s_now, s_anchor = np.trace(gram) / R + delta, np.trace(anchor_gram) / R + delta
+        return s_now, (s_now / s_anchor if s_anchor > 0 else 0.0)
+
     m_a, m_b = np.zeros_like(big_a), np.zeros_like(big_b)
     v_a, v_b = np.zeros_like(big_a), np.zeros_like(big_b)
     b_prev, a_prev = np.zeros_like(big_b), np.zeros_like(big_a)
@@ -59,8 +68,9 @@ def _transcribe(big_a, big_b, full_grad, steps, lr, *, b1=0.9, wd=0.0, s=1.0, de
         if joint or a_turn:
             count_a += 1
             p_a = np.linalg.inv(big_b.T @ big_b + delta * eye)
-            g_t = p_a @ grad_a / s**2
-            transported = p_a @ big_b.T @ b_prev @ m_a
+            pre, moment = scales(big_b.T @ big_b, b_prev.T @ b_prev)
+            g_t = pre * p_a @ grad_a / s**2
+            transported = moment * p_a @ big_b.T @ b_prev @ m_a
             aligned = b1 * transported + (1 - b1) * g_t
             if plus:
                 v_a = b2 * v_a + (1 - b2) * g_t**2
@@ -74,8 +84,9 @@ def _transcribe(big_a, big_b, full_grad, steps, lr, *, b1=0.9, wd=0.0, s=1.0, de
         if joint or not a_turn:
             count_b += 1
             p_b = np.linalg.inv(new_a @ new_a.T + delta * eye)
-            g_t = grad_b @ p_b / s**2
-            transported = m_b @ a_prev @ new_a.T @ p_b
+            pre, moment = scales(new_a @ new_a.T, a_prev @ a_prev.T)
+            g_t = pre * grad_b @ p_b / s**2
+            transported = moment * m_b @ a_prev @ new_a.T @ p_b
             aligned = b1 * transported + (1 - b1) * g_t
             if plus:
                 v_b = b2 * v_b + (1 - b2) * g_t**2
@@ -107,6 +118,9 @@ CASES = {
     "plus_a_first_scale": dict(plus=True, order="a_first", s=2.0, wd=0.05),
     "joint": dict(joint=True),
     "plus_joint": dict(plus=True, joint=True, s=0.5),
+    "plus_paper": dict(plus=True, normalize=False),
+    "plus_joint_paper_delta": dict(plus=True, joint=True, normalize=False, delta=1e-2),
+    "plus_joint_delta": dict(plus=True, joint=True, delta=1e-2),
 }
 
 
@@ -118,8 +132,9 @@ def test_matches_algorithm_1_transcription(case):
     expected = _transcribe(big_a, big_b, full_grad, steps, lr, **kw)
     s = kw.get("s", 1.0)
     factory = altlora_plus if kw.get("plus") else altlora
+    extra = {"normalize_grams": kw.get("normalize", True)} if kw.get("plus") else {}
     tx = factory(lr, weight_decay=kw.get("wd", 0.0), order=kw.get("order", "b_first"), scale=s,
-                 delta=kw.get("delta", 0.0), joint=kw.get("joint", False))
+                 delta=kw.get("delta", 0.0), joint=kw.get("joint", False), **extra)
     got = _run_library(tx, big_a, big_b, lambda p: loss(p, s), steps)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-11)

@@ -108,15 +108,29 @@ def test_full_state_adamw_matches_official_rule(s):
     np.testing.assert_allclose(got[1], b, rtol=1e-8, atol=1e-10)
 
 
-def test_factor_space_adamw_is_adam_on_equivalent_grads():
-    lr, steps = 0.01, 4
-    big_a, big_b, _, loss = _problem(2)
-    got = _run_library(lora_pro_adamw(lr, delta=0.0, full_state=False), big_a, big_b,
-                       lambda p: loss(p, 1.0), steps)
-    expected = _run_library(optax.chain(scale_by_lora_pro(delta=0.0), optax.adam(lr)),
-                            big_a, big_b, lambda p: loss(p, 1.0), steps)
-    np.testing.assert_allclose(got[0], expected[0], rtol=1e-12)
-    np.testing.assert_allclose(got[1], expected[1], rtol=1e-12)
+@pytest.mark.parametrize("normalize_grams", [False, True], ids=["peta", "normalized"])
+def test_factor_space_adamw_is_adam_on_equivalent_grads(normalize_grams):
+    # LoRAProAdamW (normalize_grams=False): Adam on eq. (3)'s (gᴬ, gᴮ). The default multiplies
+    # gᴬ by tr(BᵀB)/r and gᴮ by tr(AAᵀ)/r (the mean eigenvalues of the Grams they invert).
+    lr, steps, b1, b2, eps = 0.01, 4, 0.9, 0.999, 1e-8
+    big_a, big_b, full_grad, loss = _problem(2)
+    got = _run_library(lora_pro_adamw(lr, delta=0.0, full_state=False,
+                                      normalize_grams=normalize_grams),
+                       big_a, big_b, lambda p: loss(p, 1.0), steps)
+    a, b = big_a, big_b
+    m_a = v_a = np.zeros_like(a)
+    m_b = v_b = np.zeros_like(b)
+    for k in range(1, steps + 1):
+        g = full_grad(b @ a)
+        g_a, g_b, _ = _paper_equivalent_grads(a, b, b.T @ g, g @ a.T, 1.0)
+        if normalize_grams:
+            g_a, g_b = g_a * np.trace(b.T @ b) / R, g_b * np.trace(a @ a.T) / R
+        m_a, v_a = b1 * m_a + (1 - b1) * g_a, b2 * v_a + (1 - b2) * g_a**2
+        m_b, v_b = b1 * m_b + (1 - b1) * g_b, b2 * v_b + (1 - b2) * g_b**2
+        a = a - lr * (m_a / (1 - b1**k)) / (np.sqrt(v_a / (1 - b2**k)) + eps)
+        b = b - lr * (m_b / (1 - b1**k)) / (np.sqrt(v_b / (1 - b2**k)) + eps)
+    np.testing.assert_allclose(got[0], a, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(got[1], b, rtol=1e-9, atol=1e-11)
 
 
 def test_x_minimises_the_distance_to_the_lora_gradients():

@@ -64,14 +64,21 @@ def test_scaled_gd_matches_algorithm_2_transcription():
     np.testing.assert_allclose(lib_b, big_b, rtol=1e-10)
 
 
-def test_scaled_adamw_matches_algorithm_1_transcription():
+@pytest.mark.parametrize("normalize_grams", [False, True], ids=["paper", "normalized"])
+def test_scaled_adamw_matches_algorithm_1_transcription(normalize_grams):
+    # normalize_grams=False is Algorithm 1 as printed; True (the default) multiplies each
+    # preconditioned gradient by the mean eigenvalue of the Gram it inverts.
     lr, b1, b2, eps, delta, wd = 0.01, 0.9, 0.999, 1e-8, 1e-6, 0.01
     big_a, big_b, paper_grads, loss, params = _problem(1)
     m_a, v_a, m_b, v_b = 0.0, 0.0, 0.0, 0.0
     for t in range(1, 6):
         d_a, d_b = paper_grads(big_a, big_b)
-        d_a_scaled = np.linalg.inv(big_b.T @ big_b + delta * np.eye(R)) @ d_a
-        d_b_scaled = d_b @ np.linalg.inv(big_a @ big_a.T + delta * np.eye(R))
+        gram_b, gram_a = big_b.T @ big_b + delta * np.eye(R), big_a @ big_a.T + delta * np.eye(R)
+        d_a_scaled = np.linalg.inv(gram_b) @ d_a
+        d_b_scaled = d_b @ np.linalg.inv(gram_a)
+        if normalize_grams:
+            d_a_scaled *= np.trace(gram_b) / R
+            d_b_scaled *= np.trace(gram_a) / R
         m_a = b1 * m_a + (1 - b1) * d_a_scaled
         v_a = b2 * v_a + (1 - b2) * d_a_scaled**2
         m_b = b1 * m_b + (1 - b1) * d_b_scaled
@@ -79,7 +86,8 @@ def test_scaled_adamw_matches_algorithm_1_transcription():
         step_a = (m_a / (1 - b1**t)) / (np.sqrt(v_a / (1 - b2**t)) + eps) + wd * big_a
         step_b = (m_b / (1 - b1**t)) / (np.sqrt(v_b / (1 - b2**t)) + eps) + wd * big_b
         big_a, big_b = big_a - lr * step_a, big_b - lr * step_b
-    tx = lro.scaled_adamw(lr, b1, b2, eps, weight_decay=wd, delta=delta)
+    tx = lro.scaled_adamw(lr, b1, b2, eps, weight_decay=wd, delta=delta,
+                          normalize_grams=normalize_grams)
     lib_a, lib_b = _run_library(tx, params, loss, 5)
     np.testing.assert_allclose(lib_a, big_a, rtol=1e-9)
     np.testing.assert_allclose(lib_b, big_b, rtol=1e-9)

@@ -1,0 +1,169 @@
+"""Numerics of every registered method (issue 12): a warm-up from ``b = 0`` against AdamW,
+rank-deficient factors, the one-example regression from ``b = 0`` and float16 parameters.
+
+Each method is compiled twice: once for the warm-up toy, once for a tree of independent pairs
+holding the hard starts side by side (the methods act pair by pair; only LoRA-RITE's global
+clipping couples them), so each hard start's loss is read off its own pair.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from methods import METHODS, Method
+from problems import factorization_target
+
+# Methods without an adaptive (second-moment or metric) normalisation: their step size is the
+# learning rate times the gradient's own scale, so the warm-up comparison with AdamW does not
+# apply (they still run every hard start below).
+NON_ADAPTIVE = {"scaled_sgd", "altlora", "lora_pro_sgd", "quotient_sgd"}
+ADAPTIVE = [m for m in METHODS if m.name not in NON_ADAPTIVE]
+
+# ----------------------------------------------------------------------------- warm-up toy
+
+_K_T1, _K_T2, _K_A = jax.random.split(jax.random.key(0), 3)
+TOY_TARGET = jax.random.normal(_K_T1, (32, 4)) @ jax.random.normal(_K_T2, (4, 16)) / 4
+TOY_INIT = {"lora_a": jax.random.normal(_K_A, (32, 4)) / 4, "lora_b": jnp.zeros((4, 16))}
+WARMUP = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 20, 200, 1e-3)
+
+
+def _toy_loss(p):
+    return 0.5 * jnp.sum((p["lora_a"] @ p["lora_b"] - TOY_TARGET) ** 2)
+
+
+def _toy_relative_loss(tx: optax.GradientTransformation, steps: int = 200) -> float:
+    def step(carry, _):
+        p, s = carry
+        updates, s = tx.update(jax.grad(_toy_loss)(p), s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    @jax.jit
+    def run(p):
+        (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), None, length=steps)
+        return _toy_loss(p) / _toy_loss(TOY_INIT)
+
+    return float(run(TOY_INIT))
+
+
+@functools.cache
+def _adamw_toy() -> float:
+    return _toy_relative_loss(optax.adamw(WARMUP, weight_decay=0.0))
+
+
+@pytest.mark.parametrize("method", ADAPTIVE, ids=str)
+def test_warmup_from_zero_b_within_100x_of_adamw(method: Method):
+    reference = _adamw_toy()
+    assert reference < 1e-6  # AdamW solves the toy: the comparison is meaningful
+    relative = _toy_relative_loss(method.make(WARMUP))
+    assert np.isfinite(relative) and relative < 100 * reference, (relative, reference)
+
+
+# ----------------------------------------------------------------------------- hard starts
+
+M, N, R = 16, 12, 4
+STEPS = 100
+HARD_STARTS = ("rank_a", "rank_b", "rank_both", "one_example", "float16")
+
+
+def _hard_params() -> dict:
+    """Independent pairs: ``a`` of rank r−2 (duplicated columns), ``b`` of rank 1, both; the
+    one-example regression and a float16 pair, the last two from ``b = 0``."""
+    k_a, k_b, k_x, k_y = jax.random.split(jax.random.key(3), 4)
+    a = jax.random.normal(k_a, (M, R)) / np.sqrt(M)
+    b = jax.random.normal(k_b, (R, N))
+    a_def = a.at[:, 2].set(a[:, 0]).at[:, 3].set(a[:, 1])
+    b_def = jnp.outer(b[:, 0], b[0]) / np.sqrt(N)
+    zero_b = jnp.zeros((R, N))
+    return {
+        "rank_a": {"lora_a": a_def, "lora_b": b},
+        "rank_b": {"lora_a": a, "lora_b": b_def},
+        "rank_both": {"lora_a": a_def, "lora_b": b_def},
+        "one_example": {"lora_a": a, "lora_b": zero_b},
+        "float16": {"lora_a": a.astype(jnp.float16), "lora_b": zero_b.astype(jnp.float16)},
+    }
+
+
+_TARGET = jnp.asarray(factorization_target(m=M, n=N, rank=R), jnp.float32)
+_X = jax.random.normal(jax.random.key(4), (1, M))
+_X = _X / jnp.linalg.norm(_X)  # unit curvature in W, as the battery's factorisation problem
+_Y = jax.random.normal(jax.random.key(5), (1, N))
+
+
+def _losses(params: dict) -> dict:
+    def product(name):
+        p = params[name]
+        return p["lora_a"].astype(jnp.float32) @ p["lora_b"].astype(jnp.float32)
+
+    losses = {name: 0.5 * jnp.sum((product(name) - _TARGET) ** 2)
+              for name in ("rank_a", "rank_b", "rank_both", "float16")}
+    losses["one_example"] = 0.5 * jnp.sum((_X @ product("one_example") - _Y) ** 2)
+    return losses
+
+
+@functools.cache
+def _hard_run(name: str) -> tuple[dict, set]:
+    """Per hard start: the loss history (``STEPS + 1`` values); and the dtypes of the float16
+    pair's updates."""
+    method = next(m for m in METHODS if m.name == name)
+    tx = method.make()
+    params = _hard_params()
+    total = lambda p: sum(_losses(p).values())  # noqa: E731
+
+    def step(carry, _):
+        p, s = carry
+        updates, s = tx.update(jax.grad(total)(p), s, p)
+        p = optax.apply_updates(p, updates)
+        return (p, s), _losses(p)
+
+    @jax.jit
+    def run(p):
+        _, history = jax.lax.scan(step, (p, tx.init(p)), None, length=STEPS)
+        return jax.tree.map(lambda first, h: jnp.concatenate([first[None], h]), _losses(p),
+                            history)
+
+    updates = jax.eval_shape(tx.update, jax.grad(total)(params), tx.init(params), params)[0]
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(updates["float16"])}
+    return jax.tree.map(np.asarray, run(params)), dtypes
+
+
+# Failures measured on this branch (float32, CPU) with the library's kernels and damping floor.
+# Strict: a case that starts passing fails the suite until it is removed here.
+_SINGULAR_PAIR = ("diverges from a and b singular together (rank r − 2 and 1): the absolute "
+                  "δ = 1e-6 lets the singular directions grow by up to 1/δ (δ = 1e-3 converges: "
+                  "adams, solora_adamw, lora_pro_adamw); a Gram-relative method δ is not done")
+_FACTOR_MOMENT = "solora_adamw(moment='factor') diverges on rank-deficient / rank-1 gradients"
+KNOWN_FAILURES = {
+    ("rank_a", "solora_adamw_factor"): _FACTOR_MOMENT,
+    ("rank_b", "solora_adamw_factor"): _FACTOR_MOMENT,
+    ("one_example", "solora_adamw_factor"): _FACTOR_MOMENT,
+    ("one_example", "quotient_sgd"): "non-finite after ~30 steps; cause not found",
+    **{("rank_both", name): _SINGULAR_PAIR for name in (
+        "lora_pro_adamw", "lora_rite", "lora_rite_global_escape_cap", "solora_sgd", "solora_adamw",
+        "solora_adamw_factor", "adams", "adams_low_memory", "lracs", "sylvester_lift_adam")},
+}
+
+
+def _hard_cases():
+    for start in HARD_STARTS:
+        for method in METHODS:
+            reason = KNOWN_FAILURES.get((start, method.name))
+            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+            yield pytest.param(method, start, marks=marks, id=f"{start}-{method.name}")
+
+
+@pytest.mark.parametrize(("method", "start"), _hard_cases())
+def test_hard_start_finite_and_loss_down(method: Method, start: str):
+    history = _hard_run(method.name)[0][start]
+    assert np.all(np.isfinite(history)), f"non-finite from step {np.argmin(np.isfinite(history))}"
+    assert history[-1] < 0.9 * history[0], (history[0], history[-1])
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_float16_params_give_float16_updates(method: Method):
+    _, dtypes = _hard_run(method.name)
+    assert dtypes == {jnp.dtype(jnp.float16)}
