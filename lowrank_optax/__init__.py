@@ -27,7 +27,7 @@ from lowrank_optax.lora_rite import (
 )
 from lowrank_optax.lora_s import adams, lracs, scale_by_adams, scale_by_lracs, sylvester_lift
 from lowrank_optax.loraplus import loraplus, scale_b_factor
-from lowrank_optax.pairs import DEFAULT_KEYS, LoRAPair, PairKeys
+from lowrank_optax.pairs import DEFAULT_KEYS, LoRAPair, PairDimensionNumbers, PairKeys
 from lowrank_optax.quotient import quotient_sgd, scale_by_quotient
 from lowrank_optax.riemannian import (
     scale_by_riemannian_precond,
@@ -46,6 +46,7 @@ from lowrank_optax.solora import (
 __all__ = [
     "DEFAULT_KEYS",
     "LoRAPair",
+    "PairDimensionNumbers",
     "PairKeys",
     "ScaleByAltLoRAState",
     "ScaleByLoRAProAdamState",

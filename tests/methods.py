@@ -35,12 +35,13 @@ class Method:
         return self.name
 
 
-def _loraplus_adamw(learning_rate, ratio=4.0):
-    return lro.loraplus(optax.adamw, ratio, learning_rate=learning_rate, weight_decay=0.0)
+def _loraplus_adamw(learning_rate, ratio=4.0, **kwargs):
+    return lro.loraplus(optax.adamw, ratio, learning_rate=learning_rate, weight_decay=0.0,
+                        **kwargs)
 
 
-def _sylvester_lift_adam(learning_rate):
-    return lro.sylvester_lift(optax.adam(learning_rate))
+def _sylvester_lift_adam(learning_rate, **kwargs):
+    return lro.sylvester_lift(optax.adam(learning_rate), **kwargs)
 
 
 METHODS: list[Method] = [
