@@ -2,7 +2,8 @@
 
 Every optimizer is an ``optax.GradientTransformation`` over a tree of LoRA pairs
 (``delta_W = scale · a @ b``, ``a: (..., m, r)``, ``b: (..., r, n)``), found as
-:class:`LoRAPair` nodes or as ``{"lora_a", "lora_b"}`` mappings.
+:class:`LoRAPair` nodes or as ``<prefix>lora_a`` / ``<prefix>lora_b`` entries of a mapping
+(multi-dimensional factors: :class:`PairDimensionNumbers`).
 """
 
 from lowrank_optax.altlora import (

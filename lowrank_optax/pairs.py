@@ -2,14 +2,20 @@
 
 Every optimizer in this library acts on *pairs* ``(a, b)`` of LoRA factors, with the library
 convention ``delta_W = scale * a @ b``, ``a: (..., m, r)``, ``b: (..., r, n)``. A pair appears in a
-parameter tree either as a :class:`LoRAPair` node or as a mapping (``dict``, ``FrozenDict``,
-``nnx.State``) that holds exactly the two factors under the keys of :class:`PairKeys` (by default
-``lora_a`` / ``lora_b``, the names of ``flax.nnx.LoRA``), optionally with a third entry holding a
-full-gradient statistics probe (see ``lowrank_optax.flax``).
+parameter tree either as a :class:`LoRAPair` node or as two entries ``<prefix>lora_a`` /
+``<prefix>lora_b`` of one mapping (``dict``, ``FrozenDict``, ``nnx.State``), whatever else the
+mapping holds (suffixes configurable with :class:`PairKeys`; ``flax.nnx.LoRA`` uses ``lora_a``,
+Qwix ``kernel_lora_a`` / ``w_lora_a``, MaxText several prefixes in one module), optionally with a
+``<prefix>lora_stats`` entry holding a full-gradient statistics probe (see
+``lowrank_optax.flax``). Multi-dimensional factors (einsum layers, scanned layers) are viewed as
+batched 2-D pairs through :class:`PairDimensionNumbers`, inferred when unambiguous.
 
 :func:`map_pairs` is the single traversal every transformation uses. It
 
-* finds the pairs, validates shapes, dtypes and ranks and reports errors with the tree path;
+* finds the pairs, validates shapes, dtypes and ranks and reports errors with the tree path
+  (every offending leaf at once);
+* views each pair as a batched 2-D pair (batch axes first) and returns updates in the params'
+  own layout, so per-pair state lives in that 2-D view;
 * lifts each factor to at least float32 and casts results back to the dtype of the incoming
   update (new state keeps the dtype of the old state), so bf16 models get bf16 updates and the
   state dtype never drifts;

@@ -48,7 +48,7 @@ FAMILIES = ("llama3", "qwen3", "gemma", "gemma_qkv")
 
 def tiny_config(family: str, num_layers: int = 1) -> tuple[type, Any]:
     """A tiny random-init configuration of a Tunix model family (runs on a laptop CPU)."""
-    common = dict(num_layers=num_layers, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8)
+    common = dict(num_layers=num_layers, embed_dim=32, hidden_dim=32, num_heads=4, head_dim=8)
     if family == "llama3":
         return llama3_lib.Llama3, llama3_lib.ModelConfig(
             vocab_size=VOCAB, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5, **common)
@@ -71,24 +71,52 @@ def model_inputs(tokens: jax.Array) -> dict[str, jax.Array]:
             "attention_mask": sft_utils.make_causal_attn_mask(mask)}
 
 
-def build_lora_model(family: str, num_layers: int = 1, seed: int = 0) -> nnx.Module:
-    """A random-init Tunix model with Qwix LoRA (rank 4, alpha 8) on attention and the MLP.
-
-    Built under ``nnx.jit``: Qwix creates the factors during one forward call, which traced
-    once is much faster on a CPU than run op by op.
-    """
+def abstract_lora_model(family: str, num_layers: int = 1, seed: int = 0) -> nnx.Module:
+    """A Tunix model with Qwix LoRA (rank 4, alpha 8) on attention and the MLP, abstract
+    (``nnx.eval_shape``: Qwix creates the factors during one traced forward call)."""
     cls, config = tiny_config(family, num_layers)
     provider = qwix.LoraProvider(module_path=LORA_MODULES, rank=RANK, alpha=ALPHA)
     inputs = model_inputs(jnp.zeros((1, SEQ), jnp.int32))
 
-    @nnx.jit
     def build():
         model = cls(config, rngs=nnx.Rngs(params=seed))
         return qwix.apply_lora_to_model(
             model, provider, inputs["input_tokens"], inputs["positions"], None,
             inputs["attention_mask"], rngs=nnx.Rngs(seed + 1))
 
-    return build()
+    return nnx.eval_shape(build)
+
+
+def random_init(abstract: nnx.Module, seed: int = 0, scale: float = 0.02) -> nnx.Module:
+    """Random weights for an abstract module, as ``tunix.models.dummy_model_creator`` makes
+    them (``scale`` · normal), in one compiled call; norms start at one, LoRA ``b`` at zero and
+    LoRA ``a`` at ``normal / sqrt(fan_in)``."""
+    graphdef, state = nnx.split(abstract)
+    flat = jax.tree_util.tree_flatten_with_path(state)
+
+    @jax.jit
+    def values(key):
+        keys = jax.random.split(key, len(flat[0]))
+        out = []
+        for k, (path, leaf) in zip(keys, flat[0]):
+            name = jax.tree_util.keystr(path)
+            if name.endswith("lora_b']") or name.endswith("lora_b'].value"):
+                out.append(jnp.zeros(leaf.shape, leaf.dtype))
+            elif "lora_a" in name:
+                fan_in = max(1, int(np.prod(leaf.shape[:-1])))
+                out.append(jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(fan_in))
+            elif "norm" in name:
+                out.append(jnp.ones(leaf.shape, leaf.dtype))
+            else:
+                out.append(scale * jax.random.normal(k, leaf.shape, leaf.dtype))
+        return out
+
+    return nnx.merge(graphdef, jax.tree.unflatten(flat[1], values(jax.random.key(seed))))
+
+
+def build_lora_model(family: str, num_layers: int = 1, seed: int = 0) -> nnx.Module:
+    """A random-init Tunix model with Qwix LoRA on attention and the MLP."""
+    return random_init(abstract_lora_model(family, num_layers, seed), seed)
 
 
 def batches(batch_size: int = 4, seed: int = 0) -> Iterator[peft_trainer.TrainingInput]:
