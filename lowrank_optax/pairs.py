@@ -816,7 +816,8 @@ def init_pairs(fn: Callable[[LoRAPair], Any], params: Any, keys: PairKeys = DEFA
     """A per-pair state tree: ``fn(p)`` for each pair ``p`` (2-D float32 factors), batched.
 
     The result mirrors the pair-level structure of ``params``; holes get ``None``. Arrays
-    ``fn`` returns that do not depend on ``p`` are broadcast over the pair's batch axes.
+    ``fn`` returns that do not depend on ``p`` are broadcast over the pair's batch axes. No two
+    leaves of the result share a buffer, nor with ``params`` (so the state can be donated).
     """
     structure = PairTree(params, keys, "params")
     live = [i for i, p in enumerate(structure.pairs) if p is not None]
@@ -826,7 +827,24 @@ def init_pairs(fn: Callable[[LoRAPair], Any], params: Any, keys: PairKeys = DEFA
     items: list[Any] = [None] * len(structure.pairs)
     for i, out in zip(live, outputs):
         items[i] = out
-    return structure.unflatten(items)
+    return _unaliased(structure.unflatten(items), params)
+
+
+def _unaliased(state: Any, params: Any) -> Any:
+    """``state`` with every concrete array that also appears elsewhere in it, or in ``params``,
+    copied: trainers donate the optimizer state (Tunix's ``PeftTrainer``), and a buffer donated
+    twice, or shared with the model, is an error (an init returning ``(zeros, zeros)``, or a
+    factor itself, would otherwise alias)."""
+    seen = {id(x) for x in jax.tree.leaves(params)}
+
+    def fresh(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if id(x) in seen:
+                x = jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(fresh, state)
 
 
 def abstract_safe_init(init_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from methods import METHODS
+from methods import BY_NAME, METHODS
 
 import lowrank_optax as lro
 from lowrank_optax.pairs import PairTree, init_pairs, map_pairs
@@ -77,7 +77,15 @@ SCANNED = lro.PairKeys(dims={"scanned": lro.PairDimensionNumbers(a_batch_axes=(1
                                                                  b_batch_axes=(1,))})
 
 
-@pytest.mark.parametrize("method", METHODS, ids=str)
+# The layout is handled once, in the shared traversal; these methods cover every kind of state
+# it carries (optax moments in the params' shapes, m×n, (m+n)r, r×r, m+n vectors, global norms,
+# alternation). tests/test_tunix.py trains every method on einsum layouts.
+LAYOUT_METHODS = [BY_NAME[name] for name in (
+    "scaled_adamw", "loraplus_adamw", "adams_low_memory", "lora_pro_adamw", "solora_adamw",
+    "lora_rite_global_escape_cap", "altlora_plus", "lracs")]
+
+
+@pytest.mark.parametrize("method", LAYOUT_METHODS, ids=str)
 def test_einsum_and_scanned_pairs_update_like_their_2d_copies(method):
     """float64, three steps: einsum pairs equal their flattened 2-D copies, the scanned pair
     (explicit spec, layer axis 1) equals its per-layer pairs; the frozen ``w`` is masked."""
@@ -243,3 +251,16 @@ def test_unpaired_factor_is_an_error_naming_it():
     with pytest.raises(ValueError, match=re.escape(
             "unpaired LoRA factor at ['x']['w_lora_a'] (shape (4, 2)): no 'w_lora_b' beside it")):
         PairTree(params)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_state_shares_no_buffer_so_trainers_can_donate_it(method):
+    """PeftTrainer donates the optimizer state: no two state leaves may share a buffer, nor a
+    state leaf with the params (adams' robust start once returned ``(zeros, zeros)``)."""
+    params = {"q": {"w_lora_a": jnp.ones((6, 2)), "w_lora_b": jnp.zeros((2, 2, 3))},
+              "o": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.zeros((2, 6))}}
+    state = optax.inject_hyperparams(method.factory)(method.learning_rate, **method.kwargs) \
+        .init(params)
+    buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves((state, params))
+               if isinstance(x, jax.Array)]
+    assert len(buffers) == len(set(buffers))

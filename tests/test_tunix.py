@@ -55,6 +55,12 @@ def zoo_losses(zoo, tokens):
                       for f in ft.FAMILIES])
 
 
+def zoo_loss(zoo, input_tokens, input_mask, positions, attention_mask):
+    """Tunix's default loss summed over the four models (a loss function for PeftTrainer)."""
+    return sum(peft_trainer._default_loss_fn(getattr(zoo, f), input_tokens, input_mask,
+                                             positions, attention_mask) for f in ft.FAMILIES)
+
+
 @nnx.jit
 def losses_and_grads(zoo, tokens):
     loss_fn = lambda zoo: (lambda l: (l.sum(), l))(zoo_losses(zoo, tokens))  # noqa: E731
@@ -119,11 +125,10 @@ def test_peft_trainer_trains_four_models_and_restores_its_checkpoint(zoo, tmp_pa
     nnx.update(model, initial)
     method = BY_NAME[name]
     tx = optax.inject_hyperparams(method.factory)(method.learning_rate, **method.kwargs)
-    loss_fn = lambda zoo, **inputs: zoo_losses(zoo, inputs["input_tokens"]).sum()  # noqa: E731
     tokens = _tokens()
     before = np.asarray(losses_and_grads(model, tokens)[0])
     trainer = ft.make_trainer(model, tx, steps=2, checkpoint_dir=str(tmp_path), accumulation=2)
-    trainer.with_loss_fn(loss_fn).train(ft.batches())
+    trainer.with_loss_fn(zoo_loss).train(ft.batches())
     after = np.asarray(losses_and_grads(model, tokens)[0])
     assert np.isfinite(after).all() and (after < before).all(), (before, after)
     assert trainer._train_steps == 2 and trainer._try_get_learning_rate() is not None
