@@ -27,9 +27,9 @@ milliseconds are medians too, and are noisy; trust the ratios.
   m×n array in their state are also timed against optax.adamw on the dense weights
   `W (2, 1024, 1024)` per layer of the q,v tree, in the same loop; on the all-four tree they are
   not run.{depth_note}
-* *XLA:CPU deadlock*: with jaxlib 0.10 jitted updates over many stacked pairs can deadlock
-  (batched LAPACK kernels wait inside the thread pool they fan out to); `run.py` turns off the
-  concurrency-optimised scheduler, which makes it rarer (`lowrank_optax.xla_flags`). It runs
+* *XLA:CPU deadlock (before issue 12)*: with jaxlib 0.10 jitted updates over many stacked pairs
+  could deadlock in the batched LAPACK kernels `jnp.linalg` lowered to (the library's r×r
+  kernels are plain JAX since issue 12, see `benchmarks/cpu24.py`). `run.py` runs
   each section in a child process that saves update rows one by one and, if a child stops
   making progress, restarts it after the last finished method and skips the one that hung
   (listed below the tables as *hung*).

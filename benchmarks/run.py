@@ -29,12 +29,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lowrank_optax.xla_flags import disable_cpu_concurrency_scheduler  # noqa: E402
-
-# Jitted updates over many stacked pairs can deadlock XLA:CPU (jaxlib 0.10); turning off the
-# concurrency-optimised scheduler makes it rarer (lowrank_optax.xla_flags). Before any computation.
-disable_cpu_concurrency_scheduler()
-
 import optax  # noqa: E402
 
 from benchmarks import convergence, gpt2_bench, peers, report  # noqa: E402
@@ -69,8 +63,8 @@ class Config:
     gpt2_preset: str | None = None  # train step on a random GPT-2 of this preset (None: bundled)
 
 
-# CPU: 2 layers of GPT-2-medium shapes. At 24 layers jaxlib 0.10's XLA:CPU deadlock
-# (lowrank_optax.xla_flags) still stops some methods; --config gpu has the 24-layer trees.
+# CPU: 2 layers of GPT-2-medium shapes (the 24-layer CPU update-cost rows: benchmarks/cpu24.py);
+# --config gpu has the 24-layer trees.
 FULL = Config(
     trees=(TreeSpec("q,v", all_four=False, layers=2, d=1024, matrix_layers=2),
            TreeSpec("all four", all_four=True, layers=2, d=1024, matrix_layers=0, ranks=(16,))),

@@ -43,6 +43,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = [
     "ScaleByAltLoRAState",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 Order = Literal["b_first", "a_first"]
+_ORDERS = ("b_first", "a_first")
 _A_FIRST, _B_FIRST, _JOINT = 0, 1, 2
 
 
@@ -235,20 +237,22 @@ def scale_by_altlora(
     used ``eps=1e-4`` for AltLoRA+. The code's block alternation (``alt=True``) is not provided.
 
     Args:
-      b1: momentum coefficient β1, default 0.9 (paper). ``b1=0`` gives momentum-free AltLoRA.
-      weight_decay: γ, applied to the active factor only (so the inactive update stays exactly
-        zero); default 0 (paper's experiments).
+      b1: momentum coefficient β1 in ``[0, 1)``, default 0.9 (paper). ``b1=0`` gives
+        momentum-free AltLoRA.
+      weight_decay: γ ``≥ 0``, applied to the active factor only (so the inactive update stays
+        exactly zero); default 0 (paper's experiments).
       order: ``"b_first"`` (default; paper Table 5: better, and from ``b = 0`` an a-step cannot
         descend) or ``"a_first"`` (Algorithm 1 as written, ``t mod 2 = 0`` updates A).
-      scale: the LoRA scale ``s`` of ``delta_W = s·a @ b``; the ``1/s²`` of eq. (8) makes the
+      scale: the LoRA scale ``s > 0`` of ``delta_W = s·a @ b``; the ``1/s²`` of eq. (8) makes the
         update of ``W`` independent of ``alpha``. Default 1.0.
-      delta: ``δ`` regularising both r×r Grams (the paper's Corollary 1 replaces the full-rank
+      delta: ``δ ≥ 0`` regularising both r×r Grams (the paper's Corollary 1 replaces the full-rank
         assumption by a Frobenius penalty; the official code uses ``reg = 1e-5``). Default
         ``1e-6`` like ``scaled_sgd``: it keeps ``b = 0`` finite (the a-step there is
         ``0·δ⁻¹ = 0``). ``δ = 0`` makes AltLoRA exactly GL(r)-invariant for full-rank factors.
       second_moment: AltLoRA+ (see above).
-      b2: AltLoRA+'s second-moment decay, default 0.999 (paper's setting).
-      eps: AltLoRA+'s denominator constant, default 1e-8 (Adam's; the official runs use 1e-4).
+      b2: AltLoRA+'s second-moment decay in ``[0, 1)``, default 0.999 (paper's setting).
+      eps: AltLoRA+'s denominator constant ``≥ 0``, default 1e-8 (Adam's; the official runs
+        use 1e-4).
       joint: both factors per call (official code default), see above.
       reference_code: the official code's bias correction and weight decay (needs ``joint``).
       learning_rate: float or schedule; required by ``joint=True`` only.
@@ -257,8 +261,9 @@ def scale_by_altlora(
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
     """
-    if order not in ("b_first", "a_first"):
-        raise ValueError(f"order must be 'b_first' or 'a_first', got {order!r}")
+    check_hyperparams("scale_by_altlora", b1=b1, weight_decay=weight_decay, scale=scale,
+                      delta=delta, b2=b2, eps=eps, learning_rate=learning_rate)
+    check_choice("scale_by_altlora", "order", order, _ORDERS)
     if joint and learning_rate is None:
         raise ValueError("scale_by_altlora(joint=True) needs learning_rate to form the new a")
     if reference_code and not joint:
@@ -303,7 +308,9 @@ def scale_by_altlora(
             anchor=new_trees[-1],
         )
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_altlora",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def altlora(
@@ -326,12 +333,12 @@ def altlora(
     training loop which factor the call moves.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule`` (η).
-      b1: momentum coefficient, default 0.9.
-      weight_decay: γ, default 0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule`` (η).
+      b1: momentum coefficient in ``[0, 1)``, default 0.9.
+      weight_decay: γ ``≥ 0``, default 0.
       order: ``"b_first"`` (default) or ``"a_first"``.
-      scale: LoRA scale ``s`` (default 1.0), see :func:`scale_by_altlora`.
-      delta: Gram regulariser, default 1e-6.
+      scale: LoRA scale ``s > 0`` (default 1.0), see :func:`scale_by_altlora`.
+      delta: Gram regulariser ``≥ 0``, default 1e-6.
       joint: both factors per call as in the official code (see :func:`scale_by_altlora`).
       reference_code: with ``joint``, the official code's exact step (bias correction, weight
         decay after the step; see :func:`scale_by_altlora`).
@@ -347,11 +354,14 @@ def altlora(
       >>> updates, state = tx.update(grads, state, params)   # a b-step: updates["lora_a"] == 0
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(
+    check_hyperparams("altlora", learning_rate=learning_rate, b1=b1, weight_decay=weight_decay,
+                      scale=scale, delta=delta)
+    check_choice("altlora", "order", order, _ORDERS)
+    return with_state_check("altlora", optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta, joint=joint,
                          reference_code=reference_code, learning_rate=learning_rate, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)
 
 
 def altlora_plus(
@@ -374,14 +384,18 @@ def altlora_plus(
     decision. Not transformation invariant.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1, b2, eps: moment decays and denominator constant (defaults as ``optax.adam``).
-      weight_decay: γ on the active factor, default 0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1, b2, eps: moment decays in ``[0, 1)`` and denominator constant ``≥ 0`` (defaults as
+        ``optax.adam``).
+      weight_decay: γ ``≥ 0`` on the active factor, default 0.
       order, scale, delta, joint, reference_code, keys: as :func:`altlora`.
     """
-    return optax.chain(
+    check_hyperparams("altlora_plus", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay, scale=scale, delta=delta)
+    check_choice("altlora_plus", "order", order, _ORDERS)
+    return with_state_check("altlora_plus", optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta,
                          second_moment=True, b2=b2, eps=eps, joint=joint,
                          reference_code=reference_code, learning_rate=learning_rate, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)

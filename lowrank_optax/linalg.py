@@ -1,9 +1,20 @@
-"""Small dense kernels shared by every method: Gram matrices, regularised SPD solves, Sylvester
-equations with SPD(-similar) coefficients, and tangent-space projections.
+"""Small dense kernels shared by every method: Gram matrices, the regulariser rule, batched
+Cholesky solves, symmetric eigendecomposition, thin QR, pseudo-inverse, Sylvester equations with
+SPD(-similar) coefficients, and tangent-space projections.
 
 All functions accept leading batch axes (``...``) and are written for the library's orientation
 ``delta_W = a @ b`` with ``a: (..., m, r)`` and ``b: (..., r, n)``. r×r systems are symmetric and
-solved by Cholesky or in an eigenbasis, never by forming an inverse and multiplying.
+solved by Cholesky or in an eigenbasis.
+
+Every factorisation here is plain batched JAX (loops over the r columns or over Jacobi rotation
+rounds, each step vectorised over the batch and the wide right-hand side), not ``jnp.linalg``: on
+XLA:CPU the LAPACK custom calls that ``jnp.linalg`` lowers to deadlock intermittently when many
+of them run over stacked pairs inside one jitted update, and for r ≤ 64 the batched loops are as
+fast as the batched LAPACK calls there. No kernel here lowers to a custom call.
+
+Regularisers follow one rule, :func:`damping`: the user's ``δ``, floored relative to the Gram it
+regularises and by an absolute floor, so that a rank-deficient Gram never gives a non-finite
+solve in float32 (docs: "Numerics" in conventions).
 
 Contractions over ``m`` or ``n`` are plain ``einsum``s: when a factor is sharded along that axis
 the contraction becomes a local product followed by a reduction, which XLA inserts.
@@ -13,12 +24,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_factor, cho_solve
 
 __all__ = [
+    "cholesky",
+    "damping",
+    "eigh",
+    "eigvalsh",
     "gram_a",
     "gram_b",
     "mT",
+    "pinv",
     "project_tangent",
     "qr",
     "regularize",
@@ -29,6 +44,13 @@ __all__ = [
     "tangent_from_factor_grads",
 ]
 
+#: Relative floor of :func:`damping`, in units of the compute dtype's machine epsilon times the
+#: Gram's largest diagonal entry (between ``λ_max / r`` and ``λ_max``): the size of the rounding
+#: errors of a Gram computed in that dtype, so a shift float arithmetic resolves; small enough
+#: to cost a well-conditioned solve no more accuracy than the rounding itself.
+RELATIVE_FLOOR = 4.0
+#: Maximum number of Jacobi sweeps (quadratic convergence: float32 needs ~5–7 for r ≤ 64).
+_MAX_SWEEPS = 20
 
 def mT(x: jax.Array) -> jax.Array:
     """Swaps the last two axes."""
@@ -45,57 +67,334 @@ def gram_b(b: jax.Array) -> jax.Array:
     return jnp.einsum("...rn,...sn->...rs", b, b)
 
 
-def qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Thin QR factorisation ``x = q @ r`` (``jnp.linalg.qr``), also on ``Explicit`` meshes.
+def _eps(dtype) -> jax.Array:
+    return jnp.asarray(jnp.finfo(dtype).eps, dtype)
 
-    In jax 0.10 ``jnp.linalg.qr`` rejects a batch axis sharded on a mesh with ``Explicit`` axes
-    (an internal ``select`` gets an unsharded mask). There the factorisation runs with the mesh
-    axes made ``Auto``; ``q`` keeps the sharding of ``x`` and ``r`` its batch axes' sharding.
+
+def _floor(s: jax.Array) -> jax.Array:
+    """The Gram-relative and absolute floors of :func:`damping`, shape ``(..., 1, 1)``."""
+    eps = _eps(s.dtype)
+    top = jnp.max(jnp.abs(jnp.diagonal(s, axis1=-2, axis2=-1)), axis=-1)[..., None, None]
+    return jnp.maximum(RELATIVE_FLOOR * eps * top, eps * eps)
+
+
+def damping(gram: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
+    """The regulariser actually added to ``gram``: ``max(δ, 4·eps·max_i gram_ii, eps²)``.
+
+    ``δ`` is the user's (the papers') absolute regulariser and keeps its meaning whenever it is
+    above the floors. ``4·eps·max_i gram_ii`` (``eps`` of ``gram``'s dtype: 1.2e-7 in float32)
+    is the size of the rounding errors of the Gram itself: a smaller ``δ`` is lost in them
+    (LoRA-Pro's ``δ = 1e-8`` on a unit-scale Gram in float32) and a rank-deficient Gram could
+    factor into non-finite numbers. ``eps²`` (1.4e-14 in float32) keeps a zero Gram invertible.
+    In float64 both floors are ~1e-15 relative, far below every documented ``δ``.
+
+    Returns:
+      Shape ``(..., 1, 1)``, broadcastable against ``gram``.
+    """
+    return jnp.maximum(jnp.asarray(delta, gram.dtype), _floor(gram))
+
+
+def regularize(s: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
+    """``s + damping(s, δ) I`` for square symmetric ``s`` (batch axes allowed)."""
+    return s + damping(s, delta) * jnp.eye(s.shape[-1], dtype=s.dtype)
+
+
+def _put_column(x: jax.Array, j: jax.Array, column: jax.Array) -> jax.Array:
+    mask = jnp.arange(x.shape[-1]) == j
+    return jnp.where(mask, column[..., :, None], x)
+
+
+def _cholesky_and_inverse(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(L, L⁻¹)`` of symmetric ``s = L Lᵀ`` in one loop over the columns: step ``j`` computes
+    column ``j`` of ``L`` (left-looking, a batched matvec) and then row ``j`` of ``L⁻¹`` (forward
+    substitution; row ``j`` of ``L`` is complete). Pivots below the :func:`damping` floor of ``s``
+    are raised to it, so a semidefinite or slightly indefinite ``s`` gives finite factors."""
+    n = s.shape[-1]
+    rows = jnp.arange(n)
+    eye = jnp.eye(n, dtype=s.dtype)
+    pivot_floor = _floor(s)[..., 0, 0]
+
+    def step(j, carry):
+        factor, inv = carry
+        row_j = jax.lax.dynamic_index_in_dim(factor, j, axis=-2, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(s, j, axis=-1, keepdims=False)
+        v = v - jnp.einsum("...ik,...k->...i", factor, row_j)
+        pivot = jnp.sqrt(jnp.maximum(jax.lax.dynamic_index_in_dim(v, j, axis=-1, keepdims=False),
+                                     pivot_floor))
+        col = jnp.where(rows >= j, v / pivot[..., None], 0.0)
+        factor = _put_column(factor, j, col)
+        row_j = jnp.where(rows < j, jax.lax.dynamic_index_in_dim(factor, j, axis=-2,
+                                                                 keepdims=False), 0.0)
+        e_j = jax.lax.dynamic_index_in_dim(eye, j, axis=-2, keepdims=False)
+        new = (e_j - jnp.einsum("...k,...kj->...j", row_j, inv)) / pivot[..., None]
+        inv = jnp.where((rows == j)[:, None], new[..., None, :], inv)
+        return factor, inv
+
+    return jax.lax.fori_loop(0, n, step, (jnp.zeros_like(s), jnp.zeros_like(s)))
+
+
+def cholesky(s: jax.Array) -> jax.Array:
+    """Lower Cholesky factor ``L`` of symmetric ``s`` (``s = L Lᵀ``), column by column.
+
+    Pivots below the :func:`damping` floor of ``s`` are raised to it, so a semidefinite or
+    slightly indefinite ``s`` (rounding) gives a finite factor; regularise ``s`` first
+    (:func:`regularize`) for a factor of a well-posed system.
+    """
+    return _cholesky_and_inverse(s)[0]
+
+
+def solve_spd(s: jax.Array, rhs: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
+    """``(s + δ' I)⁻¹ rhs`` by Cholesky, for symmetric positive (semi)definite ``s``.
+
+    ``δ' = damping(s, δ)`` (:func:`damping`), so a singular ``s`` gives a finite, damped answer
+    (``rhs`` in the null space of ``s`` is scaled by ``1/δ'``; a ``rhs`` in its range, as
+    ``aᵀ G`` against ``aᵀ a``, gives the minimum-norm solution up to ``O(δ')``). ``rhs`` has shape
+    ``(..., r, k)``. The factor's inverse (r×r, forward substitution in the same loop) is
+    applied to the wide ``rhs`` as two matrix products.
+    """
+    inv = _cholesky_and_inverse(regularize(s, delta))[1]
+    return mT(inv) @ (inv @ rhs)
+
+
+def solve_spd_right(lhs: jax.Array, s: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
+    """``lhs (s + δ' I)⁻¹`` for symmetric ``s`` (:func:`solve_spd`); ``lhs``: ``(..., k, r)``."""
+    inv = _cholesky_and_inverse(regularize(s, delta))[1]
+    return (lhs @ mT(inv)) @ inv
+
+
+def _rotation(app: jax.Array, aqq: jax.Array, apq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(c, s)`` of the Jacobi rotation that diagonalises ``[[app, apq], [apq, aqq]]``."""
+    d = aqq - app
+    sign = jnp.where(d >= 0, 1.0, -1.0).astype(d.dtype)
+    denom = jnp.abs(d) + jnp.sqrt(d * d + 4.0 * apq * apq)
+    t = jnp.where(denom > 0, 2.0 * apq * sign / jnp.where(denom > 0, denom, 1.0), 0.0)
+    c = jax.lax.rsqrt(1.0 + t * t)
+    return c, t * c
+
+
+def _rotate(x: jax.Array, c: jax.Array, s: jax.Array, axis: int) -> jax.Array:
+    """Rotates the first half of the indices of ``x`` along ``axis`` (-2: rows, -1: columns)
+    against the second half, pair ``i`` with ``h + i``: ``x_i ← c x_i − s x_{h+i}``,
+    ``x_{h+i} ← s x_i + c x_{h+i}``; ``c``, ``s`` have shape ``(..., h)``."""
+    top, bottom = jnp.split(x, 2, axis=axis)
+    c, s = (c[..., :, None], s[..., :, None]) if axis == -2 else (c[..., None, :], s[..., None, :])
+    return jnp.concatenate([c * top - s * bottom, s * top + c * bottom], axis=axis)
+
+
+def _next_round(x: jax.Array, axis: int) -> jax.Array:
+    """Brent–Luk round-robin step on the index order along ``axis``: pairs are (``i``,
+    ``h + i``); index 0 stays, the other ``2h − 1`` move one place round the cycle
+    ``1 → … → h−1 → 2h−1 → … → h → 1``. After ``2h − 1`` rounds every index pair has met
+    once and the order is back to the start."""
+    h = x.shape[axis] // 2
+
+    def part(start, stop):
+        return jax.lax.slice_in_dim(x, start, stop, axis=axis)
+
+    if h == 1:
+        return x
+    return jnp.concatenate(
+        [part(0, 1), part(h, h + 1), part(1, h - 1), part(h + 1, 2 * h), part(h - 1, h)],
+        axis=axis)
+
+
+def _sweeps(round_, carry, n: int, tol):
+    """Jacobi sweeps of ``n − 1`` rounds each. ``round_(carry)`` rotates every current index
+    pair once and returns the new carry and, per batch member, how far the rotated pairs were
+    from converged; sweeps stop when a whole sweep's maximum is at most ``tol`` for every batch
+    member, or after ``_MAX_SWEEPS``."""
+
+    def one(_, state):
+        carry, worst = state
+        carry, off = round_(carry)
+        return carry, jnp.maximum(worst, off)
+
+    def sweep(state):
+        k, carry, worst = state
+        carry, worst = jax.lax.fori_loop(0, n - 1, one, (carry, jnp.zeros_like(worst)))
+        return k + 1, carry, worst
+
+    def keep_going(state):
+        k, _, worst = state
+        return (k < _MAX_SWEEPS) & ~jnp.all(worst <= tol)
+
+    worst = jnp.zeros(carry[0].shape[:-2], carry[0].dtype)
+    first = sweep((jnp.zeros([], jnp.int32), carry, worst))
+    return jax.lax.while_loop(keep_going, sweep, first)[1]
+
+
+def _pad_even(x: jax.Array) -> jax.Array:
+    """Pads ``x`` with a zero row and column when its last axis has odd length (a decoupled
+    zero eigenvalue / singular value, which Jacobi never rotates)."""
+    if x.shape[-1] % 2 == 0:
+        return x
+    widths = [(0, 0)] * (x.ndim - 2) + [(0, int(x.shape[-2] == x.shape[-1])), (0, 1)]
+    return jnp.pad(x, widths)
+
+
+def _block_diagonals(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    h = x.shape[-1] // 2
+    diag = jnp.diagonal(x, axis1=-2, axis2=-1)
+    return diag[..., :h], diag[..., h:], jnp.diagonal(x[..., :h, h:], axis1=-2, axis2=-1)
+
+
+def _jacobi_eigh(s: jax.Array, vectors: bool) -> tuple[jax.Array, jax.Array | None]:
+    n = s.shape[-1]
+    x = _pad_even(0.5 * (s + mT(s)))
+    size = x.shape[-1]
+    frobenius = jnp.sum(jnp.square(x), axis=(-2, -1))
+    scale = jnp.where(frobenius > 0, frobenius, 1.0)
+
+    def round_(carry):
+        x, v = carry
+        app, aqq, apq = _block_diagonals(x)
+        c, sn = _rotation(app, aqq, apq)
+        x = _next_round(_next_round(_rotate(_rotate(x, c, sn, -2), c, sn, -1), -2), -1)
+        if vectors:
+            v = _next_round(_rotate(v, c, sn, -1), -1)
+        return (x, v), jnp.max(jnp.square(apq), axis=-1) / scale
+
+    eye = jnp.broadcast_to(jnp.eye(size, dtype=s.dtype), x.shape) if vectors else x[..., :0, :0]
+    if size > 1:
+        x, v = _sweeps(round_, (x, eye), size, (size * _eps(s.dtype)) ** 2)
+    else:
+        v = eye
+    w = jnp.diagonal(x, axis1=-2, axis2=-1)[..., :n]
+    order = jnp.argsort(w, axis=-1)
+    w = jnp.take_along_axis(w, order, axis=-1)
+    if not vectors:
+        return w, None
+    return w, jnp.take_along_axis(v[..., :n, :n], order[..., None, :], axis=-1)
+
+
+def eigh(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigendecomposition ``s = V diag(w) Vᵀ`` of symmetric ``s`` (``jnp.linalg.eigh``'s
+    contract: ``w`` ascending, ``V`` orthogonal; the symmetric part of ``s`` is used).
+
+    Cyclic Jacobi in Brent–Luk parallel order: each of the ``r − 1`` rounds of a sweep applies
+    ``r/2`` disjoint rotations at once (index ``i`` against ``r/2 + i``, then a fixed reordering
+    by slices), vectorised over the batch; sweeps stop once no rotated off-diagonal entry
+    exceeds ``r·eps·‖s‖_F`` (quadratic convergence, ~5–8 sweeps). Eigenvalues are accurate to
+    ``O(eps·‖s‖)``, eigenvectors to ``O(eps·‖s‖ / gap)``, as LAPACK's.
+    """
+    w, v = _jacobi_eigh(s, vectors=True)
+    return w, v
+
+
+def eigvalsh(s: jax.Array) -> jax.Array:
+    """Ascending eigenvalues of symmetric ``s`` (:func:`eigh` without accumulating vectors)."""
+    return _jacobi_eigh(s, vectors=False)[0]
+
+
+def pinv(x: jax.Array) -> jax.Array:
+    """Moore–Penrose pseudo-inverse of a square ``x`` (``jnp.linalg.pinv``'s contract and
+    cutoff: singular values at most ``10·r·eps·σ_max`` count as zero; a zero matrix gives zero).
+
+    One-sided (Hestenes) Jacobi SVD in Brent–Luk parallel order (as :func:`eigh`): column pairs
+    of ``U = x V`` are rotated until orthogonal, which gives the singular values to high relative
+    accuracy without forming ``xᵀx``; then ``x⁺ = Σ_j v_j u_jᵀ / σ_j²`` with ``σ_j = ‖u_j‖``.
+    """
+    n = x.shape[-1]
+    u = _pad_even(x)
+    size = u.shape[-1]
+    tiny = jnp.finfo(x.dtype).tiny
+
+    def round_(carry):
+        u, v = carry
+        top, bottom = jnp.split(u, 2, axis=-1)
+        alpha, beta = jnp.sum(top * top, axis=-2), jnp.sum(bottom * bottom, axis=-2)
+        gamma = jnp.sum(top * bottom, axis=-2)
+        c, s = _rotation(alpha, beta, gamma)
+        off = jnp.abs(gamma) / jnp.sqrt(jnp.maximum(alpha * beta, tiny))
+        u = _next_round(_rotate(u, c, s, -1), -1)
+        v = _next_round(_rotate(v, c, s, -1), -1)
+        return (u, v), jnp.max(off, axis=-1)
+
+    v = jnp.broadcast_to(jnp.eye(size, dtype=x.dtype), u.shape)
+    if size > 1:
+        u, v = _sweeps(round_, (u, v), size, size * _eps(x.dtype))
+    u, v = u[..., :n, :n], v[..., :n, :n]
+    sigma2 = jnp.sum(u * u, axis=-2)
+    cutoff = (10.0 * n * _eps(x.dtype)) ** 2 * jnp.max(sigma2, axis=-1, keepdims=True)
+    keep = sigma2 > jnp.maximum(cutoff, tiny)
+    inv_sigma2 = jnp.where(keep, 1.0 / jnp.where(keep, sigma2, 1.0), 0.0)
+    return (v * inv_sigma2[..., None, :]) @ mT(u)
+
+
+def _householder_qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Thin Householder QR of ``x: (..., m, k)``, ``m ≥ k``, LAPACK's conventions (``geqrf`` /
+    ``orgqr``: ``R_jj = −sign(x_jj)·‖x_j:‖``, a column already zero below the diagonal is left
+    alone), one reflector per column, each vectorised over the batch and the ``m`` rows."""
+    m, k = x.shape[-2:]
+    rows = jnp.arange(m)
+
+    def reflect(j, carry):
+        x, vs, taus = carry
+        col = jax.lax.dynamic_index_in_dim(x, j, axis=-1, keepdims=False)
+        alpha = jax.lax.dynamic_index_in_dim(col, j, axis=-1, keepdims=False)
+        below = jnp.where(rows > j, col, 0.0)
+        sigma2 = jnp.sum(below * below, axis=-1)
+        norm = jnp.sqrt(alpha * alpha + sigma2)
+        beta = jnp.where(alpha >= 0, -norm, norm)
+        active = sigma2 > 0
+        denom = jnp.where(active, alpha - beta, 1.0)
+        tau = jnp.where(active, (beta - alpha) / jnp.where(active, beta, 1.0), 0.0)
+        v = jnp.where(rows == j, 1.0, below / denom[..., None])
+        w = jnp.einsum("...m,...mk->...k", v, x)
+        x = x - tau[..., None, None] * v[..., :, None] * w[..., None, :]
+        return x, _put_column(vs, j, v), _put_column(taus[..., None, :], j, tau[..., None])[
+            ..., 0, :]
+
+    vs = jnp.zeros_like(x)
+    taus = jnp.zeros(x.shape[:-2] + (k,), x.dtype)
+    x, vs, taus = jax.lax.fori_loop(0, k, reflect, (x, vs, taus))
+    r = jnp.triu(x[..., :k, :])
+
+    def apply(i, q):
+        j = k - 1 - i
+        v = jax.lax.dynamic_index_in_dim(vs, j, axis=-1, keepdims=False)
+        tau = jax.lax.dynamic_index_in_dim(taus, j, axis=-1, keepdims=False)
+        w = jnp.einsum("...m,...mk->...k", v, q)
+        return q - tau[..., None, None] * v[..., :, None] * w[..., None, :]
+
+    q = jnp.broadcast_to(jnp.eye(m, k, dtype=x.dtype), x.shape)
+    return jax.lax.fori_loop(0, k, apply, q), r
+
+
+def qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Thin QR factorisation ``x = q @ r`` (``jnp.linalg.qr``'s contract and sign convention,
+    ``m ≥ k``), by Householder reflections in batched JAX; also on ``Explicit`` meshes.
+
+    Accurate (``q`` orthonormal to ``O(eps)``, ``r`` backward stable) at any condition number,
+    including rank-deficient and zero ``x``. On a mesh with ``Explicit`` axes the factorisation
+    runs with the mesh axes made ``Auto``; ``q`` keeps the sharding of ``x`` and ``r`` its batch
+    axes' sharding.
     """
     if not jax.sharding.get_abstract_mesh().explicit_axes:
-        return tuple(jnp.linalg.qr(x))
+        return _householder_qr(x)
     spec = jax.typeof(x).sharding.spec
     spec = (*spec, *(None,) * (x.ndim - len(spec)))
     r_spec = jax.sharding.PartitionSpec(*spec[:-2], None, None)
-    factor = jax.sharding.auto_axes(lambda y: tuple(jnp.linalg.qr(y)),
+    factor = jax.sharding.auto_axes(_householder_qr,
                                     out_sharding=(jax.sharding.PartitionSpec(*spec), r_spec))
     return factor(x)
 
 
-def regularize(s: jax.Array, delta: float | jax.Array) -> jax.Array:
-    """``s + delta * I`` for square ``s`` (batch axes allowed)."""
-    return s + delta * jnp.eye(s.shape[-1], dtype=s.dtype)
-
-
-def solve_spd(s: jax.Array, rhs: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
-    """``(s + delta I)⁻¹ rhs`` by Cholesky, for symmetric positive (semi)definite ``s``.
-
-    ``rhs`` has shape ``(..., r, k)``. With ``delta = 0`` a singular ``s`` gives non-finite
-    results: pass ``delta > 0`` where ``s`` can be rank deficient.
-    """
-    factor = cho_factor(regularize(s, delta), lower=True)
-    return cho_solve(factor, rhs)
-
-
-def solve_spd_right(lhs: jax.Array, s: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
-    """``lhs (s + delta I)⁻¹`` for symmetric ``s``; ``lhs`` has shape ``(..., k, r)``."""
-    return mT(solve_spd(s, mT(lhs), delta))
-
-
 def solve_sylvester_spd(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:
-    """Solves ``p X + X q = c`` for symmetric positive definite ``p`` (r×r) and ``q`` (k×k).
+    """Solves ``p X + X q = c`` for symmetric positive (semi)definite ``p`` (r×r), ``q`` (k×k).
 
-    Closed form in the eigenbases ``p = U diag(λ) Uᵀ``, ``q = V diag(μ) Vᵀ``:
-    ``X = U [(Uᵀ c V)_ij / (λ_i + μ_j)] Vᵀ``. Unique whenever every ``λ_i + μ_j ≠ 0``. Pairs of
-    eigenvalues whose sum vanishes (both matrices singular, e.g. zero factors) get a zero
-    component, the minimum-norm solution.
+    Closed form in the eigenbases ``p = U diag(λ) Uᵀ``, ``q = V diag(μ) Vᵀ`` (:func:`eigh`):
+    ``X = U [(Uᵀ c V)_ij / (λ_i + μ_j)] Vᵀ``. Unique whenever every ``λ_i + μ_j ≠ 0``. Pairs
+    whose sum is at most the :func:`damping` floor of ``p`` plus that of ``q`` (both matrices
+    singular, e.g. zero factors; there the sum is rounding noise) get a zero component, the
+    minimum-norm solution.
     """
-    lam, u = jnp.linalg.eigh(p)
-    mu, v = jnp.linalg.eigh(q)
+    lam, u = eigh(p)
+    mu, v = eigh(q)
     denom = lam[..., :, None] + mu[..., None, :]
     coeffs = mT(u) @ c @ v
-    safe = jnp.where(denom > 0, denom, 1.0)
-    return u @ jnp.where(denom > 0, coeffs / safe, 0.0) @ mT(v)
+    live = denom > _floor(p) + _floor(q)
+    return u @ jnp.where(live, coeffs / jnp.where(live, denom, 1.0), 0.0) @ mT(v)
 
 
 def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array) -> jax.Array:
@@ -105,19 +404,22 @@ def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array) -> 
     symmetric but similar to the SPD matrix ``H = ga^{1/2} gb ga^{1/2} = U diag(λ) Uᵀ`` via
     ``S = T diag(λ) T⁻¹`` with ``T = ga^{1/2} U``, ``T⁻¹ = Uᵀ ga^{-1/2}``. In that basis the
     equation is diagonal: ``K = T [(T⁻¹ c T)_ij / (λ_i + λ_j)] T⁻¹``. ``ga`` must be
-    positive definite (regularise it for rank-deficient factors).
+    positive definite (:func:`regularize` it for rank-deficient factors); its eigenvalues are
+    floored at its :func:`damping` floor, and sums ``λ_i + λ_j`` at most twice ``H``'s floor
+    give zero components, as in :func:`solve_sylvester_spd`.
     """
-    w, e = jnp.linalg.eigh(ga)
-    w = jnp.maximum(w, jnp.finfo(w.dtype).tiny)
+    w, e = eigh(ga)
+    w = jnp.maximum(w, _floor(ga)[..., 0])
     sqrt_ga = (e * jnp.sqrt(w)[..., None, :]) @ mT(e)
     inv_sqrt_ga = (e / jnp.sqrt(w)[..., None, :]) @ mT(e)
-    lam, u = jnp.linalg.eigh(sqrt_ga @ gb @ sqrt_ga)
+    h = sqrt_ga @ gb @ sqrt_ga
+    lam, u = eigh(h)
     t = sqrt_ga @ u
     t_inv = mT(u) @ inv_sqrt_ga
     denom = lam[..., :, None] + lam[..., None, :]
     coeffs = t_inv @ c @ t
-    safe = jnp.where(denom > 0, denom, 1.0)
-    return t @ jnp.where(denom > 0, coeffs / safe, 0.0) @ t_inv
+    live = denom > 2.0 * _floor(h)
+    return t @ jnp.where(live, coeffs / jnp.where(live, denom, 1.0), 0.0) @ t_inv
 
 
 def project_tangent(

@@ -41,6 +41,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = [
     "ScaleByLoRAProAdamState",
@@ -84,15 +85,16 @@ def scale_by_lora_pro(
     gradient onto the tangent space of rank-r matrices at ``W``, independent of ``s``.
 
     Args:
-      scale: the LoRA scale ``s`` (``delta_W = s·a @ b``); default 1.0. The official code
+      scale: the LoRA scale ``s > 0`` (``delta_W = s·a @ b``); default 1.0. The official code
         hard-codes ``s = 2`` for its ``alpha=16, r=8`` runs; pass the model's ``alpha / r``.
-      delta: ``δ`` regularising both r×r Grams; default 1e-8 (the official code's value). It
+      delta: ``δ ≥ 0`` regularising both r×r Grams; default 1e-8 (the official code's value). It
         keeps ``b = 0`` finite: there ``∇a = 0`` and the Sylvester right-hand side vanish.
       keys: mapping keys of the factors in the tree.
 
     Returns:
       A stateless ``optax.GradientTransformation`` whose ``update`` needs ``params``.
     """
+    check_hyperparams("scale_by_lora_pro", scale=scale, delta=delta)
 
     def init_fn(params):
         PairTree(params, keys)
@@ -106,7 +108,9 @@ def scale_by_lora_pro(
 
         return map_pairs(fn, updates, params, keys=keys), state
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_lora_pro",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 class ScaleByLoRAProAdamState(NamedTuple):
@@ -149,11 +153,13 @@ def scale_by_lora_pro_adam(
     increments its step before the first use and so corrects the first step with index 2.
 
     Args:
-      b1, b2, eps: Adam hyperparameters (official values 0.9, 0.999, 1e-8).
-      scale: LoRA scale ``s``, default 1.0.
-      delta: Gram regulariser, default 1e-8.
+      b1, b2, eps: Adam hyperparameters (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``; official values
+        0.9, 0.999, 1e-8).
+      scale: LoRA scale ``s > 0``, default 1.0.
+      delta: Gram regulariser ``≥ 0``, default 1e-8.
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("scale_by_lora_pro_adam", b1=b1, b2=b2, eps=eps, scale=scale, delta=delta)
 
     def full_zeros(p: LoRAPair) -> jax.Array:
         return jnp.zeros((p.a.shape[0], p.b.shape[1]), p.a.dtype)
@@ -184,7 +190,9 @@ def scale_by_lora_pro_adam(
         new_updates, mu, nu = map_pairs(fn, updates, params, state.mu, state.nu, keys=keys)
         return new_updates, ScaleByLoRAProAdamState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_lora_pro_adam",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def lora_pro_sgd(
@@ -201,17 +209,20 @@ def lora_pro_sgd(
     full gradient). See :func:`scale_by_lora_pro`.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      weight_decay: decoupled weight decay on both factors, default 0 (the official scripts').
-      scale: LoRA scale ``s``, default 1.0.
-      delta: Gram regulariser, default 1e-8.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      weight_decay: decoupled weight decay ``≥ 0`` on both factors, default 0 (the official
+        scripts').
+      scale: LoRA scale ``s > 0``, default 1.0.
+      delta: Gram regulariser ``≥ 0``, default 1e-8.
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
+    check_hyperparams("lora_pro_sgd", learning_rate=learning_rate, weight_decay=weight_decay,
+                      scale=scale, delta=delta)
+    return with_state_check("lora_pro_sgd", optax.chain(
         scale_by_lora_pro(scale, delta, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)
 
 
 def lora_pro_adamw(
@@ -239,14 +250,17 @@ def lora_pro_adamw(
     Weight decay is decoupled (``optax.add_decayed_weights`` on both factors).
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1, b2, eps: Adam hyperparameters (defaults as ``optax.adamw`` and the official code).
-      weight_decay: decoupled weight decay, default 0 (the official scripts').
-      scale: LoRA scale ``s``, default 1.0.
-      delta: Gram regulariser, default 1e-8.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1, b2, eps: Adam hyperparameters (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``; defaults as
+        ``optax.adamw`` and the official code).
+      weight_decay: decoupled weight decay ``≥ 0``, default 0 (the official scripts').
+      scale: LoRA scale ``s > 0``, default 1.0.
+      delta: Gram regulariser ``≥ 0``, default 1e-8.
       full_state: m×n moments (published method) or factor-space moments (see above).
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("lora_pro_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay, scale=scale, delta=delta)
     if full_state:
         direction = scale_by_lora_pro_adam(b1, b2, eps, scale=scale, delta=delta, keys=keys)
     else:
@@ -256,8 +270,8 @@ def lora_pro_adamw(
                 optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
             )
         )
-    return optax.chain(
+    return with_state_check("lora_pro_adamw", optax.chain(
         direction,
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_optax.linalg import mT, qr
+from lowrank_optax.linalg import eigh, eigvalsh, mT, pinv, qr
 from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
@@ -46,6 +46,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = [
     "ScaleByLoRARiteState",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 ClipScope = Literal["pair", "global"]
+_CLIP_SCOPES = ("pair", "global")
 
 
 class ScaleByLoRARiteState(NamedTuple):
@@ -108,7 +110,7 @@ class _Frames(NamedTuple):
 def _frames(p: LoRAPair) -> _Frames:
     q_a, r_a = qr(p.a)
     q_b, r_b = qr(p.b.T)
-    return _Frames(q_a, q_b, jnp.linalg.pinv(r_a), jnp.linalg.pinv(r_b))
+    return _Frames(q_a, q_b, pinv(r_a), pinv(r_b))
 
 
 def _skip(x: jax.Array, threshold: Any) -> jax.Array:
@@ -137,13 +139,13 @@ def _factor_side(gbar, mu, nu, escape, rotation, t, hp: _Hyper):
     beta2 = _bias_corrected_decay(jnp.asarray(hp.b2, gbar.dtype), t)
     transported = _sym(rotation @ nu @ mT(rotation))
     if hp.escape:
-        lost_eig = jnp.max(jnp.linalg.eigvalsh(nu) - jnp.linalg.eigvalsh(transported))
+        lost_eig = jnp.max(eigvalsh(nu) - eigvalsh(transported))
         lost_trace = jnp.trace(nu) - jnp.trace(transported)
         mass = jnp.minimum(jnp.maximum(lost_eig, 0.0), jnp.maximum(lost_trace, 0.0))
         escape = beta2 * (mass + escape)
     second = _sym(mT(gbar) @ gbar) / gbar.shape[0]
     nu = _sym((1 - beta2) * second + beta2 * transported)
-    lam, z = jnp.linalg.eigh(nu)
+    lam, z = eigh(nu)
     inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + escape) + hp.eps)
     preconditioned = gbar @ _sym((z * inv_root) @ mT(z))
     mu = (1 - beta1) * preconditioned + beta1 * (mu @ mT(rotation))
@@ -217,15 +219,15 @@ def scale_by_lora_rite(
     * No LoRA scale: like Adam, the step of ``W`` grows linearly with ``s``.
 
     Args:
-      b1: first-moment decay, default 0.9.
-      b2: second-moment decay, default 0.999.
-      eps: added to ``√λ`` (outside the root), default 1e-6 (official).
-      clip_unmagnified_grad: norm threshold of the unmagnified gradients; 0 disables. Default
-        1.0 (official).
+      b1: first-moment decay in ``[0, 1)``, default 0.9.
+      b2: second-moment decay in ``[0, 1)``, default 0.999.
+      eps: added to ``√λ`` (outside the root, ``≥ 0``), default 1e-6 (official).
+      clip_unmagnified_grad: norm threshold ``≥ 0`` of the unmagnified gradients; 0 disables.
+        Default 1.0 (official).
       clip_scope: ``"pair"`` (default) or ``"global"`` (official).
-      update_capping: RMS cap of the first moment before rotating back; 0 (default, official)
-        disables. AltLoRA's LoRA-RITE runs used 1.0.
-      update_skipping: RMS threshold above which a factor's update is skipped; 0 (default)
+      update_capping: RMS cap ``≥ 0`` of the first moment before rotating back; 0 (default,
+        official) disables. AltLoRA's LoRA-RITE runs used 1.0.
+      update_skipping: RMS threshold ``≥ 0`` above which a factor's update is skipped; 0 (default)
         disables. AltLoRA's runs used 5.0.
       apply_escape: add the escaped mass ``ρ`` to the eigenvalues. Default False (official);
         AltLoRA's runs used True.
@@ -234,8 +236,10 @@ def scale_by_lora_rite(
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
     """
-    if clip_scope not in ("pair", "global"):
-        raise ValueError(f"clip_scope must be 'pair' or 'global', got {clip_scope!r}")
+    check_hyperparams("scale_by_lora_rite", b1=b1, b2=b2, eps=eps,
+                      clip_unmagnified_grad=clip_unmagnified_grad, update_capping=update_capping,
+                      update_skipping=update_skipping)
+    check_choice("scale_by_lora_rite", "clip_scope", clip_scope, _CLIP_SCOPES)
 
     def init_fn(params):
         return ScaleByLoRARiteState(
@@ -273,7 +277,9 @@ def scale_by_lora_rite(
         )
         return new_updates, ScaleByLoRARiteState(count, mu, nu, escape, basis)
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_lora_rite",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def balance_factor_norms(
@@ -290,10 +296,11 @@ def balance_factor_norms(
     learning-rate-free ``scale_by_*`` direction.
 
     Args:
-      eps: added to each norm (official 1e-6): keeps ``b = 0`` finite (``a`` is then scaled
+      eps: ``≥ 0``, added to each norm (official 1e-6): keeps ``b = 0`` finite (``a`` is then scaled
         down by ``√(eps/‖a‖)``, the product stays 0).
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("balance_factor_norms", eps=eps)
 
     def update_fn(updates, state, params=None):
         require_params(params, "balance_factor_norms")
@@ -307,7 +314,11 @@ def balance_factor_norms(
 
         return map_pairs(fn, updates, params, keys=keys), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return with_state_check(
+        "balance_factor_norms",
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        keys,
+    )
 
 
 def lora_rite(
@@ -333,9 +344,9 @@ def lora_rite(
     factors to equal norms without changing their product.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
       b1, b2, eps: see :func:`scale_by_lora_rite`.
-      weight_decay: decoupled weight decay, default 0 (official).
+      weight_decay: decoupled weight decay ``≥ 0``, default 0 (official).
       clip_unmagnified_grad, clip_scope, update_capping, update_skipping, apply_escape: see
         :func:`scale_by_lora_rite`.
       balance: equalise the factor norms after each step (default False, official).
@@ -351,6 +362,10 @@ def lora_rite(
       >>> updates, state = tx.update(grads, state, params)
       >>> params = optax.apply_updates(params, updates)
     """
+    check_hyperparams("lora_rite", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay, clip_unmagnified_grad=clip_unmagnified_grad,
+                      update_capping=update_capping, update_skipping=update_skipping)
+    check_choice("lora_rite", "clip_scope", clip_scope, _CLIP_SCOPES)
     steps = [
         scale_by_lora_rite(b1, b2, eps, clip_unmagnified_grad=clip_unmagnified_grad,
                            clip_scope=clip_scope, update_capping=update_capping,
@@ -360,4 +375,4 @@ def lora_rite(
     ]
     if balance:
         steps.append(balance_factor_norms(keys=keys))
-    return optax.chain(*steps)
+    return with_state_check("lora_rite", optax.chain(*steps), keys)

@@ -61,6 +61,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = [
     "adams",
@@ -174,12 +175,15 @@ def sylvester_lift(
 
     Args:
       inner: any ``optax.GradientTransformation`` on a tree of ``m×n`` matrices.
-      delta: ``δ`` regularising both r×r Grams in the projection, the Sylvester equation and
-        the lift; default ``1e-6`` keeps zero-initialised ``b`` finite (the first step then
+      delta: ``δ ≥ 0`` regularising both r×r Grams in the projection, the Sylvester equation
+        and the lift; default ``1e-6`` keeps zero-initialised ``b`` finite (the first step then
         moves ``b`` only, by the least-squares pre-image of ``X̃``).
       keys: mapping keys of the factors in the tree.
     """
-
+    check_hyperparams("sylvester_lift", delta=delta)
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"sylvester_lift: inner must be an optax.GradientTransformation (e.g. "
+                        f"optax.adam(1e-3), not optax.adam), got {inner!r}")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> SylvesterLiftState:
@@ -195,7 +199,11 @@ def sylvester_lift(
         )
         return new_updates, SylvesterLiftState(inner_state)
 
-    return optax.GradientTransformationExtraArgs(abstract_safe_init(init_fn), update_fn)
+    return with_state_check(
+        "sylvester_lift",
+        optax.GradientTransformationExtraArgs(abstract_safe_init(init_fn), update_fn),
+        keys,
+    )
 
 
 # ----------------------------------------------------------------------------- AdamS
@@ -318,16 +326,19 @@ def scale_by_adams(
       count, so it works with a traced ``robust_steps`` under ``optax.inject_hyperparams``.
 
     Args:
-      b1: first-moment decay, default 0.9 (paper, Table 4/5).
-      b2: second-moment decay, default 0.999 (paper).
-      eps: added to ``√v̂``, default 1e-8 (``optax.adam``).
-      delta: ``δ`` regularising the r×r Grams (see module docstring); default 1e-6 keeps the
+      b1: first-moment decay in ``[0, 1)``, default 0.9 (paper, Table 4/5).
+      b2: second-moment decay in ``[0, 1)``, default 0.999 (paper).
+      eps: added to ``√v̂`` (``≥ 0``), default 1e-8 (``optax.adam``).
+      delta: ``δ ≥ 0`` regularising the r×r Grams (see module docstring); default 1e-6 keeps the
         zero-initialised ``b`` finite. ``0`` gives exact invariance for full-rank factors.
-      robust_steps: number of initial plain-Adam steps; default 0 (the paper uses 100).
+      robust_steps: number of initial plain-Adam steps (an integer ``≥ 0``); default 0 (the
+        paper uses 100).
       low_memory: store the first moment in tangent coordinates (Alg. 4).
       riemannian_second_moment: accumulate the second moment under metric (8).
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("scale_by_adams", b1=b1, b2=b2, eps=eps, delta=delta,
+                      robust_steps=robust_steps)
     robust = _has_robust_start(robust_steps)
 
     def init_fn(params: optax.Params) -> ScaleByAdamSState:
@@ -404,7 +415,9 @@ def scale_by_adams(
         )
         return new_updates, ScaleByAdamSState(count, mu, nu, robust_moments)
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_adams",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def adams(
@@ -432,13 +445,15 @@ def adams(
     weight-decay free (its ablation finds ``λ = 0`` best).
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``; the paper uses 5e-5 (GPT-2) to 3e-4.
-      b1, b2, eps: Adam hyperparameters (see :func:`scale_by_adams`).
-      robust_steps: initial plain-Adam steps (App. A.16; the paper uses 100). Default 0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``; the paper uses 5e-5 (GPT-2) to 3e-4.
+      b1, b2, eps: Adam hyperparameters (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``; see
+        :func:`scale_by_adams`).
+      robust_steps: initial plain-Adam steps, an integer ``≥ 0`` (App. A.16; the paper uses
+        100). Default 0.
       low_memory: Algorithm 4 (first moment in tangent coordinates).
       riemannian_second_moment: second moment under metric (8) (Section 4.2).
-      delta: Gram regulariser, default 1e-6.
-      weight_decay: ``λ`` of App. A.11 (equivalently, decoupled weight decay).
+      delta: Gram regulariser ``≥ 0``, default 1e-6.
+      weight_decay: ``λ ≥ 0`` of App. A.11 (equivalently, decoupled weight decay).
       keys: mapping keys of the factors in the tree.
 
     Example::
@@ -451,14 +466,16 @@ def adams(
       >>> updates, state = tx.update(grads, state, params)
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(
+    check_hyperparams("adams", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      robust_steps=robust_steps, delta=delta, weight_decay=weight_decay)
+    return with_state_check("adams", optax.chain(
         scale_by_adams(
             b1, b2, eps, delta=delta, robust_steps=robust_steps, low_memory=low_memory,
             riemannian_second_moment=riemannian_second_moment, keys=keys,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)
 
 
 # ----------------------------------------------------------------------------- LRACS
@@ -534,15 +551,17 @@ def scale_by_lracs(
     matrix); ``φ = 0`` (first step, or a zero update) means "no limit", not ``η = 0`` forever.
 
     Args:
-      b1: decay of the scale moments, default 0.9 (paper).
+      b1: decay of the scale moments in ``[0, 1)``, default 0.9 (paper).
       gamma: limiter threshold ``γ ≥ 1``, default 1.01 (RACS's default; the paper gives none).
-      eps: added to ``√m_q √m_sᵀ``, default 1e-8.
-      power_iterations: iterations for eq. (14), default 5 (paper).
+      eps: added to ``√m_q √m_sᵀ`` (``≥ 0``), default 1e-8.
+      power_iterations: iterations for eq. (14) (an integer ``≥ 1``), default 5 (paper).
       bias_correction: divide the scale moments by ``1 − b1ᵗ`` (not in the paper); default
         False. Makes the first step ``1 − b1`` times as large as the paper's.
-      delta: Gram regulariser (see module docstring), default 1e-6.
+      delta: Gram regulariser ``≥ 0`` (see module docstring), default 1e-6.
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("scale_by_lracs", b1=b1, gamma=gamma, eps=eps,
+                      power_iterations=power_iterations, delta=delta)
 
     def init_fn(params: optax.Params) -> ScaleByLRACSState:
         def zeros(shape_of):
@@ -579,7 +598,9 @@ def scale_by_lracs(
         )
         return new_updates, ScaleByLRACSState(count, mu_s, mu_q, phi)
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_lracs",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def lracs(
@@ -599,14 +620,16 @@ def lracs(
     free as in the paper.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``; the paper uses 1e-3 to 5e-3.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``; the paper uses 1e-3 to 5e-3.
       b1, gamma, eps, power_iterations, bias_correction, delta: see :func:`scale_by_lracs`.
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
+    check_hyperparams("lracs", learning_rate=learning_rate, b1=b1, gamma=gamma, eps=eps,
+                      power_iterations=power_iterations, delta=delta)
+    return with_state_check("lracs", optax.chain(
         scale_by_lracs(
             b1, gamma, eps, power_iterations=power_iterations, bias_correction=bias_correction,
             delta=delta, keys=keys,
         ),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)

@@ -24,8 +24,11 @@ import jax
 import optax
 
 from lowrank_optax.pairs import DEFAULT_KEYS, PairKeys, PairTree, keep_update_dtypes
+from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = ["loraplus", "scale_b_factor"]
+
+_NON_PAIR = ("error", "keep")
 
 
 def scale_b_factor(
@@ -37,11 +40,13 @@ def scale_b_factor(
     """Multiplies the updates of every pair's ``b`` factor by ``ratio``; ``a`` is unchanged.
 
     Args:
-      ratio: the LoRA+ ratio ``λ = lr_b / lr_a``.
+      ratio: the LoRA+ ratio ``λ = lr_b / lr_a > 0``.
       non_pair: what to do with leaves outside pairs: ``"error"`` (default) raises naming every
         such tree path; ``"keep"`` passes their updates through unscaled.
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("scale_b_factor", ratio=ratio)
+    check_choice("scale_b_factor", "non_pair", non_pair, _NON_PAIR)
 
     def init_fn(params: optax.Params) -> optax.EmptyState:
         del params
@@ -82,7 +87,7 @@ def loraplus(
       *base_and_ratio: ``base``, an ``optax.GradientTransformation`` whose update is
         proportional to its learning rate (any optax optimizer, or a pair optimizer of this
         library), or a factory of one; optionally followed by ``ratio``.
-      ratio: ``λ = lr_b / lr_a``; default 16 (= 2⁴, the paper's recommendation).
+      ratio: ``λ = lr_b / lr_a > 0``; default 16 (= 2⁴, the paper's recommendation).
       learning_rate: the factory's learning rate (``lr_a``); ``None`` leaves it to the factory.
       non_pair: ``"error"`` (default) or ``"keep"``: see :func:`scale_b_factor`.
       keys: mapping keys of the factors in the tree.
@@ -102,13 +107,18 @@ def loraplus(
             raise TypeError("loraplus got ratio both positionally and by keyword")
         ratio = base_and_ratio[1]
     ratio = 16.0 if ratio is None else ratio
+    check_hyperparams("loraplus", ratio=ratio)
+    check_choice("loraplus", "non_pair", non_pair, _NON_PAIR)
     if learning_rate is not None:
         base_kwargs["learning_rate"] = learning_rate
     if not isinstance(base, optax.GradientTransformation):
+        if not callable(base):
+            raise TypeError(f"loraplus: base must be an optax.GradientTransformation or a "
+                            f"factory of one, got {base!r}")
         base = base(**base_kwargs)
     elif base_kwargs:
         raise TypeError(f"loraplus got keyword arguments {sorted(base_kwargs)} for a ready "
                         "transformation; pass a factory to configure it")
-    return keep_update_dtypes(
+    return with_state_check("loraplus", keep_update_dtypes(
         optax.chain(base, scale_b_factor(ratio, non_pair=non_pair, keys=keys))
-    )
+    ), keys)

@@ -49,6 +49,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = ["quotient_gradient", "quotient_sgd", "scale_by_quotient"]
 
@@ -83,10 +84,12 @@ def scale_by_quotient(
     Args:
       delta: ``δ ≥ 0`` added to both Grams; default 0 (the method as published, exactly
         invariant). See the module docstring for its use at zero init.
-      robust_steps: initial plain-gradient steps that move a zero-initialised ``b``; default 0.
+      robust_steps: initial plain-gradient steps (an integer ``≥ 0``) that move a
+        zero-initialised ``b``; default 0.
         Works when traced (``optax.inject_hyperparams``): the switch is a ``jnp.where``.
       keys: mapping keys of the factors in the tree.
     """
+    check_hyperparams("scale_by_quotient", delta=delta, robust_steps=robust_steps)
 
     def init_fn(params: optax.Params) -> ScaleByQuotientState:
         PairTree(params, keys)
@@ -106,7 +109,9 @@ def scale_by_quotient(
         new_updates = map_pairs(pair_fn, updates, params, keys=keys)
         return new_updates, ScaleByQuotientState(optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_quotient",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def quotient_sgd(
@@ -123,13 +128,16 @@ def quotient_sgd(
     factors never move.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``. The step scales like the cube of the
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``. The step scales like the cube of the
         factors' size (gradient times a Gram), so it needs its own tuning.
-      delta: Gram shift (see :func:`scale_by_quotient`), default 0.
-      robust_steps: initial plain-GD steps (see :func:`scale_by_quotient`), default 0.
+      delta: Gram shift ``≥ 0`` (see :func:`scale_by_quotient`), default 0.
+      robust_steps: initial plain-GD steps, an integer ``≥ 0`` (see :func:`scale_by_quotient`),
+        default 0.
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
+    check_hyperparams("quotient_sgd", learning_rate=learning_rate, delta=delta,
+                      robust_steps=robust_steps)
+    return with_state_check("quotient_sgd", optax.chain(
         scale_by_quotient(delta, robust_steps=robust_steps, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)

@@ -34,6 +34,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = [
     "precondition_pair",
@@ -75,6 +76,7 @@ def scale_by_riemannian_precond(
     Returns:
       An ``optax.GradientTransformation`` (stateless; needs ``params`` in ``update``).
     """
+    check_hyperparams("scale_by_riemannian_precond", delta=delta)
 
     def init_fn(params: optax.Params) -> optax.EmptyState:
         PairTree(params, keys)
@@ -86,7 +88,9 @@ def scale_by_riemannian_precond(
                                 keys=keys)
         return new_updates, state
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_riemannian_precond",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def scaled_sgd(
@@ -102,9 +106,10 @@ def scaled_sgd(
     both preconditioners from the pre-step factors.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      delta: regulariser of the r×r Grams (see :func:`scale_by_riemannian_precond`).
-      weight_decay: decoupled weight decay, applied to the parameters (not preconditioned).
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      delta: regulariser ``≥ 0`` of the r×r Grams (see :func:`scale_by_riemannian_precond`).
+      weight_decay: decoupled weight decay ``≥ 0``, applied to the parameters (not
+        preconditioned).
         Default 0, the paper's choice for scaled GD.
       keys: mapping keys of the factors in the tree.
 
@@ -118,11 +123,13 @@ def scaled_sgd(
       >>> updates, state = tx.update(grads, state, params)
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(
+    check_hyperparams("scaled_sgd", learning_rate=learning_rate, delta=delta,
+                      weight_decay=weight_decay)
+    return with_state_check("scaled_sgd", optax.chain(
         scale_by_riemannian_precond(delta, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)
 
 
 def scale_by_scaled_adam(
@@ -148,19 +155,20 @@ def scale_by_scaled_adam(
     (its Theorem 4.1 analyses the latter); this is the former, its practical method.
 
     Args:
-      b1: first-moment decay, default 0.9 (the paper's and ``optax.adam``'s).
-      b2: second-moment decay, default 0.999.
-      eps: added to ``√v̂`` (outside the root, as ``optax.adam``), default 1e-8.
-      delta: Gram regulariser, default 1e-6 (paper's GPT-2 setting).
+      b1: first-moment decay in ``[0, 1)``, default 0.9 (the paper's and ``optax.adam``'s).
+      b2: second-moment decay in ``[0, 1)``, default 0.999.
+      eps: ``≥ 0``, added to ``√v̂`` (outside the root, as ``optax.adam``), default 1e-8.
+      delta: Gram regulariser ``≥ 0``, default 1e-6 (paper's GPT-2 setting).
       mu_dtype: dtype of the first moment (``optax.scale_by_adam``'s).
       keys: mapping keys of the factors in the tree.
     """
-    return keep_update_dtypes(
+    check_hyperparams("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, delta=delta)
+    return with_state_check("scale_by_scaled_adam", keep_update_dtypes(
         optax.chain(
             scale_by_riemannian_precond(delta, keys=keys),
             optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
         )
-    )
+    ), keys)
 
 
 def scaled_adamw(
@@ -182,15 +190,17 @@ def scaled_adamw(
     zero-``b`` start is not pulled towards zero before it has moved).
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1, b2, eps: Adam hyperparameters, as ``optax.adamw``.
-      weight_decay: decoupled weight decay coefficient.
-      delta: Gram regulariser (see :func:`scale_by_riemannian_precond`).
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1, b2, eps: Adam hyperparameters, as ``optax.adamw`` (``b1, b2 ∈ [0, 1)``, ``eps ≥ 0``).
+      weight_decay: decoupled weight decay coefficient ``≥ 0``.
+      delta: Gram regulariser ``≥ 0`` (see :func:`scale_by_riemannian_precond`).
       mu_dtype: dtype of the first moment.
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
+    check_hyperparams("scaled_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay, delta=delta)
+    return with_state_check("scaled_adamw", optax.chain(
         scale_by_scaled_adam(b1, b2, eps, delta, mu_dtype=mu_dtype, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)

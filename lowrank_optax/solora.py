@@ -59,6 +59,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
+from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = [
     "SoLoRAPairState",
@@ -207,16 +208,16 @@ def scale_by_solora(
     decoupled weight decay. ``δ > 0`` breaks it by ``O(δ / σ_min(K))``.
 
     Args:
-      b1: momentum decay (the paper's ``β3``); ``None`` gives Algorithm 1 (no momentum, no
-        bias correction). Default ``None``; the paper's Algorithm 2 uses 0.9.
-      b2: decay of the metric EMAs (the paper's ``β1 = β2``). Default 0.98, the paper's GPT-2
-        value for both algorithms (Table 4).
-      eps: added to the normalised diagonals of ``Lr``, ``Lc`` (units of ``|G|``, like Adam's
-        ``eps``); the paper has none. Default 1e-8.
-      delta: ``δ`` added to the weighted r×r Grams ``Ka``, ``Kb``; the paper inverts them
+      b1: momentum decay (the paper's ``β3``) in ``[0, 1)``; ``None`` gives Algorithm 1 (no
+        momentum, no bias correction). Default ``None``; the paper's Algorithm 2 uses 0.9.
+      b2: decay of the metric EMAs (the paper's ``β1 = β2``) in ``[0, 1)``. Default 0.98, the
+        paper's GPT-2 value for both algorithms (Table 4).
+      eps: ``≥ 0``, added to the normalised diagonals of ``Lr``, ``Lc`` (units of ``|G|``, like
+        Adam's ``eps``); the paper has none. Default 1e-8.
+      delta: ``δ ≥ 0`` added to the weighted r×r Grams ``Ka``, ``Kb``; the paper inverts them
         unregularised, which fails at its own ``B = 0`` initialisation. Default 1e-6, as the
         library's scaled GD.
-      scale: the LoRA scale (``alpha / r``) so that the induced update of ``scale·a b`` is
+      scale: the LoRA scale (``alpha / r > 0``) so that the induced update of ``scale·a b`` is
         independent of it. Default 1.0 (the paper's convention).
       moment: ``"full"`` (paper, ``m×n``) or ``"factor"`` (``O((m+n) r)``); only used with
         ``b1``.
@@ -225,8 +226,8 @@ def scale_by_solora(
     Returns:
       An ``optax.GradientTransformation`` with :class:`SoLoRAState`; needs ``params``.
     """
-    if moment not in _MOMENTS:
-        raise ValueError(f"moment must be one of {_MOMENTS}, got {moment!r}")
+    check_hyperparams("scale_by_solora", b1=b1, b2=b2, eps=eps, delta=delta, scale=scale)
+    check_choice("scale_by_solora", "moment", moment, _MOMENTS)
     momentum = b1 is not None
 
     def init_fn(params: optax.Params) -> SoLoRAState:
@@ -268,7 +269,9 @@ def scale_by_solora(
         )
         return new_updates, SoLoRAState(count, pairs)
 
-    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
+    return with_state_check("scale_by_solora",
+                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
+                            keys)
 
 
 def solora_sgd(
@@ -286,19 +289,21 @@ def solora_sgd(
     See :func:`scale_by_solora` (``b1=None``) for the direction and the statistics modes.
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b2: metric EMA decay (paper's ``β1 = β2``), default 0.98 (paper, Table 4).
-      eps: metric floor, default 1e-8.
-      weight_decay: decoupled weight decay, default 0.0 (Algorithm 1 has none).
-      delta: r×r Gram regulariser, default 1e-6.
-      scale: LoRA scale ``alpha / r``, default 1.0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b2: metric EMA decay (paper's ``β1 = β2``) in ``[0, 1)``, default 0.98 (paper, Table 4).
+      eps: metric floor ``≥ 0``, default 1e-8.
+      weight_decay: decoupled weight decay ``≥ 0``, default 0.0 (Algorithm 1 has none).
+      delta: r×r Gram regulariser ``≥ 0``, default 1e-6.
+      scale: LoRA scale ``alpha / r > 0``, default 1.0.
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
+    check_hyperparams("solora_sgd", learning_rate=learning_rate, b2=b2, eps=eps,
+                      weight_decay=weight_decay, delta=delta, scale=scale)
+    return with_state_check("solora_sgd", optax.chain(
         scale_by_solora(None, b2, eps, delta, scale=scale, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)
 
 
 def solora_adamw(
@@ -321,19 +326,22 @@ def solora_adamw(
     reading that is dimensionally consistent and matches "AdamW".
 
     Args:
-      learning_rate: a float or an ``optax.Schedule``.
-      b1: momentum decay (paper's ``β3``), default 0.9 (paper, Table 4).
-      b2: metric EMA decay (paper's ``β1 = β2``), default 0.98 (paper, Table 4).
-      eps: metric floor, default 1e-8.
-      weight_decay: decoupled weight decay ``λ``; default 0.0 (the paper's GPT-2 runs use 0.01).
-      delta: r×r Gram regulariser, default 1e-6.
-      scale: LoRA scale ``alpha / r``, default 1.0.
+      learning_rate: a float ``≥ 0`` or an ``optax.Schedule``.
+      b1: momentum decay (paper's ``β3``) in ``[0, 1)``, default 0.9 (paper, Table 4).
+      b2: metric EMA decay (paper's ``β1 = β2``) in ``[0, 1)``, default 0.98 (paper, Table 4).
+      eps: metric floor ``≥ 0``, default 1e-8.
+      weight_decay: decoupled weight decay ``λ ≥ 0``; default 0.0 (the paper's GPT-2 runs use 0.01).
+      delta: r×r Gram regulariser ``≥ 0``, default 1e-6.
+      scale: LoRA scale ``alpha / r > 0``, default 1.0.
       moment: ``"full"`` (the paper's ``m×n`` moment; exact with a ``full_gradient`` probe) or
         ``"factor"`` (memory-light, first-order agreement); see :func:`scale_by_solora`.
       keys: mapping keys of the factors in the tree.
     """
-    return optax.chain(
+    check_hyperparams("solora_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay, delta=delta, scale=scale)
+    check_choice("solora_adamw", "moment", moment, _MOMENTS)
+    return with_state_check("solora_adamw", optax.chain(
         scale_by_solora(b1, b2, eps, delta, scale=scale, moment=moment, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), keys)

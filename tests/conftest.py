@@ -5,14 +5,9 @@ formulas) run at full float32 matmul precision on every backend: on GPUs XLA's d
 matmul is TF32, whose ~1e-3 relative error would fail comparisons at 1e-5 for reasons that have
 nothing to do with the library. The library pins its own precision
 (``lowrank_optax.pairs.MATMUL_PRECISION``); ``test_every_matmul_runs_at_full_float32_precision``
-checks that under a reduced default. The XLA:CPU scheduler flag of ``lowrank_optax.xla_flags`` is
-set as the examples and benchmarks set it.
+checks that under a reduced default.
 """
 
-from lowrank_optax.xla_flags import disable_cpu_concurrency_scheduler
-
-disable_cpu_concurrency_scheduler()  # before any computation: see lowrank_optax.xla_flags
-
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")

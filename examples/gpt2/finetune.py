@@ -46,9 +46,6 @@ import lowrank_optax
 from lowrank_optax.flax import inject_lora
 from lowrank_optax.models import GPT2, GPT2Tokenizer, e2e, generate, load_gpt2
 from lowrank_optax.models.metrics import e2e_metrics
-from lowrank_optax.xla_flags import disable_cpu_concurrency_scheduler
-
-disable_cpu_concurrency_scheduler()  # an XLA:CPU deadlock (jaxlib 0.10): lowrank_optax.xla_flags
 
 HERE = Path(__file__).resolve().parent
 WARMUP_STEPS = 10
