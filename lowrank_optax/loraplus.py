@@ -107,7 +107,8 @@ def loraplus(
             raise TypeError("loraplus got ratio both positionally and by keyword")
         ratio = base_and_ratio[1]
     ratio = 16.0 if ratio is None else ratio
-    check_hyperparams("loraplus", ratio=ratio)
+    check_hyperparams("loraplus", ratio=ratio,
+                      **({} if learning_rate is None else {"learning_rate": learning_rate}))
     check_choice("loraplus", "non_pair", non_pair, _NON_PAIR)
     if learning_rate is not None:
         base_kwargs["learning_rate"] = learning_rate
