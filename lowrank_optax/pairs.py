@@ -117,10 +117,11 @@ class PairKeys:
       b: key suffix of the output-side factor (``lora_b``).
       stats: key suffix of the optional full-gradient statistics probe.
       dims: the factors' layout. ``None`` (default) infers it pair by pair: the stacked layout
-        ``a (..., m, r)``, ``b (..., r, n)`` (same leading batch axes) or the einsum layout
-        ``a (*M, r)``, ``b (r, *N)``; a pair that fits both differently, or whose einsum
-        reading leaves an axis of one size at the same position in both factors (a scanned
-        layer axis), is an error asking for a spec. Otherwise one
+        ``a (..., m, r)``, ``b (..., r, n)`` (same leading batch axes; the library's own
+        convention, which wins when a pair also reads as einsum, e.g. stacked slices whose
+        count equals the rank) or else the einsum layout ``a (*M, r)``, ``b (r, *N)``; a pair
+        whose einsum reading leaves an axis of one size at the same position in both factors
+        (a scanned layer axis) is an error asking for a spec. Otherwise one
         :class:`PairDimensionNumbers` for every pair, a tree of them (a pair takes the spec
         found at its factor's path or the nearest enclosing path; ``None`` or no entry:
         inferred), or a callable of the params returning either.
@@ -281,11 +282,6 @@ def _infer_layout(a_shape: tuple, b_shape: tuple) -> _Layout:
             stacked = _layout(a_shape, b_shape, _stacked_dims(len(a_shape)))
     with contextlib.suppress(ValueError):
         einsum = _layout(a_shape, b_shape, PairDimensionNumbers())
-    if einsum is not None and stacked is not None and einsum != stacked:
-        raise ValueError(
-            "the layout is ambiguous: it reads as stacked (batch axes "
-            f"{_stacked_dims(len(a_shape))[2]}) and as einsum (a (*M, r), b (r, *N)); pass "
-            "PairKeys(dims=PairDimensionNumbers(...)) to say which")
     if einsum is not None and stacked is None:
         same = [k for k in range(1, min(len(a_shape) - 1, len(b_shape)))
                 if a_shape[k] == b_shape[k]]
