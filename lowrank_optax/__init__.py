@@ -2,7 +2,8 @@
 
 Every optimizer is an ``optax.GradientTransformation`` over a tree of LoRA pairs
 (``delta_W = scale · a @ b``, ``a: (..., m, r)``, ``b: (..., r, n)``), found as
-:class:`LoRAPair` nodes or as ``{"lora_a", "lora_b"}`` mappings.
+:class:`LoRAPair` nodes or as ``<prefix>lora_a`` / ``<prefix>lora_b`` entries of a mapping
+(multi-dimensional factors: :class:`PairDimensionNumbers`).
 """
 
 from lowrank_optax.altlora import (
@@ -27,7 +28,7 @@ from lowrank_optax.lora_rite import (
 )
 from lowrank_optax.lora_s import adams, lracs, scale_by_adams, scale_by_lracs, sylvester_lift
 from lowrank_optax.loraplus import loraplus, scale_b_factor
-from lowrank_optax.pairs import DEFAULT_KEYS, LoRAPair, PairKeys
+from lowrank_optax.pairs import DEFAULT_KEYS, LoRAPair, PairDimensionNumbers, PairKeys
 from lowrank_optax.quotient import quotient_sgd, scale_by_quotient
 from lowrank_optax.riemannian import (
     scale_by_riemannian_precond,
@@ -46,6 +47,7 @@ from lowrank_optax.solora import (
 __all__ = [
     "DEFAULT_KEYS",
     "LoRAPair",
+    "PairDimensionNumbers",
     "PairKeys",
     "ScaleByAltLoRAState",
     "ScaleByLoRAProAdamState",

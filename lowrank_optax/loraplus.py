@@ -18,31 +18,17 @@ Models", ICML 2024.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import optax
 
-from lowrank_optax.pairs import (
-    DEFAULT_KEYS,
-    LoRAPair,
-    PairKeys,
-    is_pair_node,
-    keep_update_dtypes,
-)
+from lowrank_optax.pairs import DEFAULT_KEYS, PairKeys, PairTree, keep_update_dtypes
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = ["loraplus", "scale_b_factor"]
 
 _NON_PAIR = ("error", "keep")
-
-
-def _scale_pair_b(node: Any, ratio: Any, keys: PairKeys) -> Any:
-    scale_b = lambda x: jax.tree.map(lambda v: v * ratio, x)  # noqa: E731
-    if isinstance(node, LoRAPair):
-        return node._replace(b=scale_b(node.b))
-    return type(node)({k: scale_b(v) if k == keys.b else v for k, v in node.items()})
 
 
 def scale_b_factor(
@@ -55,8 +41,8 @@ def scale_b_factor(
 
     Args:
       ratio: the LoRA+ ratio ``λ = lr_b / lr_a > 0``.
-      non_pair: what to do with leaves outside pairs: ``"error"`` (default) raises naming the
-        tree path; ``"keep"`` passes their updates through unscaled.
+      non_pair: what to do with leaves outside pairs: ``"error"`` (default) raises naming every
+        such tree path; ``"keep"`` passes their updates through unscaled.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scale_b_factor", ratio=ratio)
@@ -68,51 +54,64 @@ def scale_b_factor(
 
     def update_fn(updates, state, params=None):
         del params
-
-        def visit(path, node):
-            if is_pair_node(node, keys):
-                return _scale_pair_b(node, ratio, keys)
-            if non_pair == "error":
-                raise ValueError(
-                    f"loraplus: leaf at {jax.tree_util.keystr(path)} (shape "
-                    f"{getattr(node, 'shape', ())}) is not in a LoRA pair. Pass "
-                    "non_pair='keep' to train it at the base learning rate, or route it with "
-                    "optax.partition / optax.multi_transform."
-                )
-            return node
-
-        is_leaf = lambda x: is_pair_node(x, keys)  # noqa: E731
-        return jax.tree_util.tree_map_with_path(visit, updates, is_leaf=is_leaf), state
+        try:
+            structure = PairTree(updates, keys, "updates", strays=non_pair)
+        except ValueError as err:
+            raise ValueError(f"loraplus: {err}\nPass non_pair='keep' to train leaves outside "
+                             "pairs at the base learning rate.") from None
+        scaled = [None if p is None else p._replace(b=p.b * ratio) for p in structure.pairs]
+        return structure.rebuild(updates, scaled), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def loraplus(
-    base: optax.GradientTransformation | Callable[..., optax.GradientTransformation],
-    ratio: float = 16.0,
-    *,
+    *base_and_ratio: Any,
+    ratio: float | jax.Array | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     non_pair: Literal["error", "keep"] = "error",
     keys: PairKeys = DEFAULT_KEYS,
     **base_kwargs: Any,
 ) -> optax.GradientTransformation:
     """LoRA+ over any optimizer: the ``b`` factor trains with ``ratio ×`` the learning rate.
 
-    Either pass a ready transformation, ``loraplus(optax.adamw(1e-4), 16)``, or a factory and
-    its arguments, ``loraplus(optax.adamw, 16, learning_rate=1e-4, weight_decay=0.0)``; the
-    latter form works under ``optax.inject_hyperparams``.
+    Called as ``loraplus(base, ratio=16.0, *, learning_rate=None, **base_kwargs)``. Either pass
+    a ready transformation, ``loraplus(optax.adamw(1e-4), 16)``, or a factory and its
+    arguments, ``loraplus(optax.adamw, 16, learning_rate=1e-4, weight_decay=0.0)``; the latter
+    form works under ``optax.inject_hyperparams``, which injects ``learning_rate`` (and
+    ``ratio`` when given by keyword): ``optax.inject_hyperparams(loraplus)(optax.adamw, 16.0,
+    learning_rate=1e-3)``, with an optax or a lowrank_optax factory. (The base and the ratio
+    are variadic so that ``inject_hyperparams`` does not take the factory for a schedule.)
 
     Args:
-      base: an ``optax.GradientTransformation`` whose update is proportional to its learning
-        rate (any optax optimizer, or a pair optimizer of this library), or a factory.
+      *base_and_ratio: ``base``, an ``optax.GradientTransformation`` whose update is
+        proportional to its learning rate (any optax optimizer, or a pair optimizer of this
+        library), or a factory of one; optionally followed by ``ratio``.
       ratio: ``λ = lr_b / lr_a > 0``; default 16 (= 2⁴, the paper's recommendation).
+      learning_rate: the factory's learning rate (``lr_a``); ``None`` leaves it to the factory.
       non_pair: ``"error"`` (default) or ``"keep"``: see :func:`scale_b_factor`.
       keys: mapping keys of the factors in the tree.
-      **base_kwargs: arguments of ``base`` when it is a factory.
+      **base_kwargs: further arguments of ``base`` when it is a factory.
 
     Updates keep the dtype of the incoming gradients (bf16 stays bf16).
     """
-    check_hyperparams("loraplus", ratio=ratio)
+    # optax.inject_hyperparams calls the factory again with every bound argument by keyword.
+    base_and_ratio = base_and_ratio or tuple(base_kwargs.pop("base_and_ratio", ()))
+    base_kwargs = {**base_kwargs.pop("base_kwargs", {}), **base_kwargs}
+    if not 1 <= len(base_and_ratio) <= 2:
+        raise TypeError("loraplus takes the base optimizer (or factory) and optionally the ratio "
+                        f"as positional arguments, got {len(base_and_ratio)}")
+    base = base_and_ratio[0]
+    if len(base_and_ratio) == 2:
+        if ratio is not None:
+            raise TypeError("loraplus got ratio both positionally and by keyword")
+        ratio = base_and_ratio[1]
+    ratio = 16.0 if ratio is None else ratio
+    check_hyperparams("loraplus", ratio=ratio,
+                      **({} if learning_rate is None else {"learning_rate": learning_rate}))
     check_choice("loraplus", "non_pair", non_pair, _NON_PAIR)
+    if learning_rate is not None:
+        base_kwargs["learning_rate"] = learning_rate
     if not isinstance(base, optax.GradientTransformation):
         if not callable(base):
             raise TypeError(f"loraplus: base must be an optax.GradientTransformation or a "

@@ -2,14 +2,20 @@
 
 Every optimizer in this library acts on *pairs* ``(a, b)`` of LoRA factors, with the library
 convention ``delta_W = scale * a @ b``, ``a: (..., m, r)``, ``b: (..., r, n)``. A pair appears in a
-parameter tree either as a :class:`LoRAPair` node or as a mapping (``dict``, ``FrozenDict``,
-``nnx.State``) that holds exactly the two factors under the keys of :class:`PairKeys` (by default
-``lora_a`` / ``lora_b``, the names of ``flax.nnx.LoRA``), optionally with a third entry holding a
-full-gradient statistics probe (see ``lowrank_optax.flax``).
+parameter tree either as a :class:`LoRAPair` node or as two entries ``<prefix>lora_a`` /
+``<prefix>lora_b`` of one mapping (``dict``, ``FrozenDict``, ``nnx.State``), whatever else the
+mapping holds (suffixes configurable with :class:`PairKeys`; ``flax.nnx.LoRA`` uses ``lora_a``,
+Qwix ``kernel_lora_a`` / ``w_lora_a``, MaxText several prefixes in one module), optionally with a
+``<prefix>lora_stats`` entry holding a full-gradient statistics probe (see
+``lowrank_optax.flax``). Multi-dimensional factors (einsum layers, scanned layers) are viewed as
+batched 2-D pairs through :class:`PairDimensionNumbers`, inferred when unambiguous.
 
 :func:`map_pairs` is the single traversal every transformation uses. It
 
-* finds the pairs, validates shapes, dtypes and ranks and reports errors with the tree path;
+* finds the pairs, validates shapes, dtypes and ranks and reports errors with the tree path
+  (every offending leaf at once);
+* views each pair as a batched 2-D pair (batch axes first) and returns updates in the params'
+  own layout, so per-pair state lives in that 2-D view;
 * lifts each factor to at least float32 and casts results back to the dtype of the incoming
   update (new state keeps the dtype of the old state), so bf16 models get bf16 updates and the
   state dtype never drifts;
@@ -27,7 +33,9 @@ full-gradient statistics probe (see ``lowrank_optax.flax``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -39,6 +47,7 @@ __all__ = [
     "DEFAULT_KEYS",
     "MATMUL_PRECISION",
     "LoRAPair",
+    "PairDimensionNumbers",
     "PairKeys",
     "PairTree",
     "abstract_safe_init",
@@ -54,7 +63,8 @@ class LoRAPair(NamedTuple):
     """One LoRA factor pair, ``delta_W = scale * a @ b``.
 
     Attributes:
-      a: input-side factor, shape ``(..., m, r)``.
+      a: input-side factor, shape ``(..., m, r)`` (or another layout, see
+        :class:`PairDimensionNumbers`).
       b: output-side factor, shape ``(..., r, n)``.
       stats: optional full-gradient statistics probe (a pytree, or ``None``). Its gradient
         carries statistics of ``G = dL/dW`` computed inside the backward pass; transformations
@@ -66,37 +76,83 @@ class LoRAPair(NamedTuple):
     stats: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class PairKeys:
-    """Mapping keys under which a pair's factors are found.
+class PairDimensionNumbers(NamedTuple):
+    """Which axes of a pair's factors are the rank and which are batch axes.
+
+    In the style of ``optax.contrib.MuonDimensionNumbers``: the axes of ``a`` that are neither
+    its rank axis nor a batch axis are flattened (in order) into ``m``, those of ``b`` into
+    ``n``, and the pair is treated as the batched 2-D pair ``(*batch, m, r)`` / ``(*batch, r,
+    n)``, i.e. ``delta_W`` in the (inputs × outputs) matrix view of the weight. Batch axes are
+    matched in the order given and must have equal sizes in both factors. Axes may be negative.
+
+    The defaults describe a 2-D pair and Qwix/Keras einsum factors, ``a (*M, r)``, ``b (r, *N)``.
+    MaxText's scanned layers (layer axis at ``param_scan_axis=1`` in both factors) are
+    ``PairDimensionNumbers(a_batch_axes=(1,), b_batch_axes=(1,))``; the library's stacked layout
+    ``a (L, m, r)``, ``b (L, r, n)`` is ``PairDimensionNumbers(-1, 1, (0,), (0,))``.
 
     Attributes:
-      a: key of the ``(..., m, r)`` factor (``flax.nnx.LoRA`` names it ``lora_a``).
-      b: key of the ``(..., r, n)`` factor (``lora_b``).
-      stats: key of the optional full-gradient statistics probe.
+      a_rank_axis: the rank axis of ``a`` (default ``-1``).
+      b_rank_axis: the rank axis of ``b`` (default ``0``).
+      a_batch_axes: batch axes of ``a`` (default none).
+      b_batch_axes: batch axes of ``b``, in the same order (default none).
+    """
+
+    a_rank_axis: int = -1
+    b_rank_axis: int = 0
+    a_batch_axes: tuple[int, ...] = ()
+    b_batch_axes: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PairKeys:
+    """How a pair's factors are found in a tree and laid out.
+
+    A pair is any two entries ``<prefix><a>`` / ``<prefix><b>`` of one mapping (``dict``,
+    ``FrozenDict``, ``nnx.State``), whatever else that mapping holds: ``lora_a``/``lora_b``
+    (``flax.nnx.LoRA``), ``kernel_lora_a``/``kernel_lora_b`` and ``w_lora_a``/``w_lora_b``
+    (Qwix), several prefixes in one mapping (MaxText's MoE layers) are several pairs.
+
+    Attributes:
+      a: key suffix of the input-side factor (``lora_a``).
+      b: key suffix of the output-side factor (``lora_b``).
+      stats: key suffix of the optional full-gradient statistics probe.
+      dims: the factors' layout. ``None`` (default) infers it pair by pair: the stacked layout
+        ``a (..., m, r)``, ``b (..., r, n)`` (same leading batch axes; the library's own
+        convention, which wins when a pair also reads as einsum, e.g. stacked slices whose
+        count equals the rank) or else the einsum layout ``a (*M, r)``, ``b (r, *N)``; a pair
+        whose einsum reading leaves an axis of one size at the same position in both factors
+        (a scanned layer axis) is an error asking for a spec. Otherwise one
+        :class:`PairDimensionNumbers` for every pair, a tree of them (a pair takes the spec
+        found at its factor's path or the nearest enclosing path; ``None`` or no entry:
+        inferred), or a callable of the params returning either.
     """
 
     a: str = "lora_a"
     b: str = "lora_b"
     stats: str = "lora_stats"
+    dims: Any = None
 
 
 DEFAULT_KEYS = PairKeys()
 
 
+def _suffix_prefix(key: Any, suffix: str) -> str | None:
+    if isinstance(key, str) and key.endswith(suffix):
+        return key[: len(key) - len(suffix)]
+    return None
+
+
 def is_pair_node(x: Any, keys: PairKeys) -> bool:
+    """Whether ``x`` is a :class:`LoRAPair` or a mapping holding at least one factor entry."""
     if isinstance(x, LoRAPair):
         return True
     if isinstance(x, Mapping) and not isinstance(x, jax.ShapeDtypeStruct):
-        names = set(x.keys())
-        return names in ({keys.a, keys.b}, {keys.a, keys.b, keys.stats})
+        return any(_suffix_prefix(k, s) is not None for k in x.keys() for s in (keys.a, keys.b))
     return False
 
 
-def _members(node: Any, keys: PairKeys) -> tuple[Any, Any, Any]:
-    if isinstance(node, LoRAPair):
-        return node.a, node.b, node.stats
-    return node[keys.a], node[keys.b], node.get(keys.stats)
+def _is_hole(x: Any) -> bool:
+    return not jax.tree.leaves(x)
 
 
 def _single_array(x: Any) -> Any:
@@ -113,64 +169,298 @@ def _replace_single_array(entry: Any, value: Any) -> Any:
     return jax.tree.unflatten(jax.tree.structure(entry), [value])
 
 
-def _rebuild(node: Any, keys: PairKeys, a: Any, b: Any, stats: Any) -> Any:
-    """``node`` with its factor arrays replaced, keeping node and entry types."""
-    old_a, old_b, old_stats = _members(node, keys)
-    new_a = _replace_single_array(old_a, a)
-    new_b = _replace_single_array(old_b, b)
-    new_stats = None if old_stats is None else jax.tree.map(lambda _, s: s, old_stats, stats)
-    if isinstance(node, LoRAPair):
-        return LoRAPair(new_a, new_b, new_stats)
-    children, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
-    replacement = {keys.a: new_a, keys.b: new_b, keys.stats: new_stats}
-    return jax.tree.unflatten(treedef, [replacement[path[0].key] for path, _ in children])
-
-
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
+
+
+def _clean_path(path: tuple) -> tuple:
+    """``path`` without the ``.value`` tail an ``nnx.Variable`` adds."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in (
+            "value", "raw_value"):
+        return path[:-1]
+    return path
+
+
+def _key_strs(path: tuple) -> tuple[str, ...]:
+    return tuple(jax.tree_util.keystr((k,)) for k in _clean_path(path))
+
+
+def _path_str(path: tuple) -> str:
+    return jax.tree_util.keystr(_clean_path(path)) or "<root>"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """A pair's dimension numbers resolved against its shapes: the view as a batched 2-D pair."""
+
+    a_perm: tuple[int, ...]
+    b_perm: tuple[int, ...]
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    batch: tuple[int, ...]
+    m: int
+    n: int
+    r: int
+
+    @property
+    def identity(self) -> bool:
+        return (self.a_shape == (*self.batch, self.m, self.r)
+                and self.b_shape == (*self.batch, self.r, self.n)
+                and self.a_perm == tuple(range(len(self.a_perm)))
+                and self.b_perm == tuple(range(len(self.b_perm))))
+
+    def to_2d(self, a: Any, b: Any) -> tuple[Any, Any]:
+        if self.identity:
+            return a, b
+        a = _batch_sharded(a, self.a_perm[: len(self.batch)])
+        b = _batch_sharded(b, self.b_perm[: len(self.batch)])
+        return (jnp.transpose(a, self.a_perm).reshape(*self.batch, self.m, self.r),
+                jnp.transpose(b, self.b_perm).reshape(*self.batch, self.r, self.n))
+
+    def from_2d(self, a: Any, b: Any) -> tuple[Any, Any]:
+        if self.identity:
+            return a, b
+        shape_a = tuple(self.a_shape[i] for i in self.a_perm)
+        shape_b = tuple(self.b_shape[i] for i in self.b_perm)
+        return (jnp.transpose(a.reshape(shape_a), _inverse(self.a_perm)),
+                jnp.transpose(b.reshape(shape_b), _inverse(self.b_perm)))
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    out = [0] * len(perm)
+    for i, p in enumerate(perm):
+        out[p] = i
+    return tuple(out)
+
+
+def _batch_sharded(x: Any, batch_axes: tuple[int, ...]) -> Any:
+    """On an ``Explicit`` mesh, ``x`` resharded to keep only its batch axes sharded, so that the
+    reshape to the 2-D view is well defined (the per-pair math gathers m and n anyway)."""
+    if not _explicit_mesh():
+        return x
+    spec = _spec(x)
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(
+        *(spec[i] if i in batch_axes else None for i in range(jnp.ndim(x)))))
+
+
+def _layout(a_shape: tuple, b_shape: tuple, dims: PairDimensionNumbers) -> _Layout:
+    """``dims`` resolved against the shapes; raises ``ValueError`` (without the path)."""
+    na, nb = len(a_shape), len(b_shape)
+    try:
+        ra, rb = range(na)[dims.a_rank_axis], range(nb)[dims.b_rank_axis]
+        ba = tuple(range(na)[i] for i in dims.a_batch_axes)
+        bb = tuple(range(nb)[i] for i in dims.b_batch_axes)
+    except (IndexError, TypeError) as err:
+        raise ValueError(f"{dims} does not fit factors of {na} and {nb} dimensions") from err
+    if len({ra, *ba}) != 1 + len(ba) or len({rb, *bb}) != 1 + len(bb):
+        raise ValueError(f"{dims} repeats an axis")
+    if len(ba) != len(bb) or any(a_shape[i] != b_shape[j] for i, j in zip(ba, bb)):
+        raise ValueError(f"{dims}: batch axes differ ({[a_shape[i] for i in ba]} vs "
+                         f"{[b_shape[j] for j in bb]})")
+    if a_shape[ra] != b_shape[rb]:
+        raise ValueError(f"{dims}: ranks differ (a has r={a_shape[ra]}, b has r={b_shape[rb]})")
+    m_axes = [i for i in range(na) if i != ra and i not in ba]
+    n_axes = [j for j in range(nb) if j != rb and j not in bb]
+    if not m_axes or not n_axes:
+        raise ValueError(f"{dims} leaves no m or n axis")
+    return _Layout(
+        a_perm=(*ba, *m_axes, ra), b_perm=(*bb, rb, *n_axes), a_shape=a_shape, b_shape=b_shape,
+        batch=tuple(a_shape[i] for i in ba), m=math.prod(a_shape[i] for i in m_axes),
+        n=math.prod(b_shape[j] for j in n_axes), r=a_shape[ra])
+
+
+def _stacked_dims(ndim: int) -> PairDimensionNumbers:
+    lead = tuple(range(ndim - 2))
+    return PairDimensionNumbers(-1, ndim - 2, lead, lead)
+
+
+def _infer_layout(a_shape: tuple, b_shape: tuple) -> _Layout:
+    """The layout of a pair given without a spec (see :attr:`PairKeys.dims`)."""
+    stacked = einsum = None
+    if len(a_shape) == len(b_shape):
+        with contextlib.suppress(ValueError):
+            stacked = _layout(a_shape, b_shape, _stacked_dims(len(a_shape)))
+    with contextlib.suppress(ValueError):
+        einsum = _layout(a_shape, b_shape, PairDimensionNumbers())
+    if einsum is not None and stacked is None:
+        same = [k for k in range(1, min(len(a_shape) - 1, len(b_shape)))
+                if a_shape[k] == b_shape[k]]
+        if same:
+            raise ValueError(
+                f"the layout is ambiguous: read as einsum (a (*M, r), b (r, *N)) axis {same[0]} "
+                f"has size {a_shape[same[0]]} in both factors, like a scanned layer axis; pass "
+                f"PairKeys(dims=PairDimensionNumbers(a_batch_axes=({same[0]},), "
+                f"b_batch_axes=({same[0]},))) if it is one, PairDimensionNumbers() if not")
+    if stacked is not None:
+        return stacked
+    if einsum is not None:
+        return einsum
+    if len(a_shape) == len(b_shape) and a_shape[:-2] != b_shape[:-2]:
+        raise ValueError(f"leading batch axes differ ({a_shape[:-2]} vs {b_shape[:-2]})")
+    if len(a_shape) == len(b_shape):
+        raise ValueError(f"ranks differ (a has r={a_shape[-1]}, b has r={b_shape[-2]})")
+    raise ValueError("no layout fits: neither stacked (a (..., m, r), b (..., r, n)) nor einsum "
+                     "(a (*M, r), b (r, *N)); pass PairKeys(dims=PairDimensionNumbers(...))")
+
+
+def _dims_lookup(dims: Any, tree: Any) -> Callable[[tuple], PairDimensionNumbers | None]:
+    """A function from a factor's tree path to the spec that applies to it."""
+    if callable(dims) and not isinstance(dims, PairDimensionNumbers):
+        dims = dims(tree)
+    if dims is None or isinstance(dims, PairDimensionNumbers):
+        return lambda path: dims
+    is_spec = lambda x: x is None or isinstance(x, PairDimensionNumbers)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(dims, is_leaf=is_spec)[0]
+    table = {_key_strs(tuple(p)): spec for p, spec in flat}
+
+    def lookup(path: tuple) -> PairDimensionNumbers | None:
+        path = _key_strs(path)
+        for k in range(len(path), -1, -1):
+            spec = table.get(path[:k])
+            if spec is not None:
+                return spec
+        return None
+
+    return lookup
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """Where a pair sits: its mapping node, the node's index and the pair's key prefix."""
+
+    node: int
+    prefix: str | None  # None for a LoRAPair node
+    path: str
+
+
+def _factor_entries(node: Any, keys: PairKeys, prefix: str | None) -> tuple[Any, Any, Any]:
+    if prefix is None:
+        return node.a, node.b, node.stats
+    return node[prefix + keys.a], node[prefix + keys.b], node.get(prefix + keys.stats)
+
+
+def _nnx_hint(paths: Sequence[tuple]) -> str:
+    variables = any(p and isinstance(p[-1], jax.tree_util.GetAttrKey) for p in paths)
+    if not variables:
+        return ""
+    return (" These look like an nnx model's other parameters: pass wrt=nnx.LoRAParam to "
+            "nnx.Optimizer (and nnx.DiffState(0, nnx.LoRAParam) to nnx.grad), or partition them.")
 
 
 class PairTree:
     """The pair-level structure of a tree: its pairs are the leaves of :attr:`treedef`.
 
+    A mapping holding one pair is replaced by that pair's leaf; one holding several (by key
+    prefix) by a dict from prefix to leaf. Per-pair state trees (:func:`init_pairs`) have this
+    structure. Factors are viewed as batched 2-D pairs (see :class:`PairDimensionNumbers`):
+    :attr:`pairs` and :meth:`pairs_of` give that view, :meth:`rebuild` restores the layout.
+
     Args:
       tree: a tree of pairs (params, updates, or anything mirroring them).
-      keys: mapping keys of the factors.
+      keys: mapping keys and layout of the factors.
       what: name of the tree, for error messages.
+      strays: ``"error"`` (default): a leaf outside any pair is an error; ``"keep"``: such
+        leaves are left out of the pair structure (for transformations that pass them on).
 
     Raises:
-      ValueError: for a leaf outside any pair, a pair split by a mask, or factors whose
-        shapes, ranks, batch axes or dtypes are inconsistent; the message names the tree path.
+      ValueError: listing every leaf outside a pair (holes such as ``optax.MaskedNode`` are
+        fine), unpaired or split factors, and factors whose shapes, ranks, batch axes or
+        dtypes are inconsistent, each with its tree path.
     """
 
-    def __init__(self, tree: Any, keys: PairKeys = DEFAULT_KEYS, what: str = "params"):
+    def __init__(self, tree: Any, keys: PairKeys = DEFAULT_KEYS, what: str = "params",
+                 strays: str = "error"):
         self.keys = keys
         is_leaf = lambda x: is_pair_node(x, keys)  # noqa: E731
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-        self.paths = [jax.tree_util.keystr(path) for path, _ in flat]
-        self.nodes = [node for _, node in flat]
+        flat, self.node_treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+        lookup = _dims_lookup(keys.dims, tree) if keys.dims is not None else lambda p: None
+        self.sites: list[_Site] = []
         self.pairs: list[LoRAPair | None] = []
-        for path, node in zip(self.paths, self.nodes):
+        self.layouts: list[_Layout | None] = []
+        stray: list[tuple[tuple, Any]] = []
+        problems: list[str] = []
+        skeleton: list[Any] = []
+        for index, (path, node) in enumerate(flat):
             if not is_leaf(node):
-                raise ValueError(
-                    f"{what} leaf at {path or '<root>'} (shape {_shape(node)}) is not part of a "
-                    f"LoRA pair ({keys.a!r}/{keys.b!r} mapping or LoRAPair). Route such leaves "
-                    "to another transformation with optax.partition or optax.multi_transform."
-                )
-            self.pairs.append(self._checked_pair(path, node, what))
+                if not _is_hole(node):
+                    stray.append((tuple(path), node))
+                skeleton.append(None)
+                continue
+            prefixes = self._prefixes(path, node, stray, problems)
+            slots = {}
+            for prefix in prefixes:
+                where = jax.tree_util.keystr(tuple(path))
+                label = where if not prefix else f"{where} ({prefix}{keys.a}/{prefix}{keys.b})"
+                factor_path = tuple(path) if prefix is None else (
+                    *path, jax.tree_util.DictKey(prefix + keys.a))
+                try:
+                    pair, layout = self._checked_pair(
+                        label or "<root>", node, prefix, what, lookup(factor_path))
+                except ValueError as err:
+                    problems.append(str(err))
+                    pair = layout = None
+                slots[prefix] = len(self.sites)
+                self.sites.append(_Site(index, prefix, label or "<root>"))
+                self.pairs.append(pair)
+                self.layouts.append(layout)
+            skeleton.append(next(iter(slots.values())) if len(slots) == 1 else slots)
+        if stray and strays == "error":
+            problems[:0] = [
+                f"{what} leaf at {_path_str(p)} (shape {_shape(_single_leaf(x))}) is not part "
+                "of a LoRA pair" for p, x in stray]
+            hint = (" Route such leaves to another transformation with optax.partition or "
+                    "optax.multi_transform." + _nnx_hint([p for p, _ in stray]))
+            problems.append(hint.strip())
+        if problems:
+            raise ValueError("\n".join(problems) if len(problems) > 1 else problems[0])
+        self.paths = [site.path for site in self.sites]
+        self.treedef = jax.tree.structure(
+            self.node_treedef.unflatten(skeleton), is_leaf=lambda x: isinstance(x, int))
 
-    def _checked_pair(self, path: str, node: Any, what: str) -> LoRAPair | None:
-        entry_a, entry_b, stats = _members(node, self.keys)
+    def _prefixes(self, path: Any, node: Any, stray: list, problems: list) -> list[str | None]:
+        """The key prefixes of the pairs in ``node``; other non-hole entries go to ``stray``."""
+        if isinstance(node, LoRAPair):
+            return [None]
+        keys = self.keys
+        found: dict[str, set[str]] = {}
+        for key in node.keys():
+            for role, suffix in (("a", keys.a), ("b", keys.b), ("stats", keys.stats)):
+                prefix = _suffix_prefix(key, suffix)
+                if prefix is not None:
+                    found.setdefault(prefix, set()).add(role)
+                    break
+        prefixes = []
+        for prefix, roles in found.items():
+            if {"a", "b"} <= roles:
+                prefixes.append(prefix)
+                continue
+            present = [prefix + getattr(keys, r) for r in sorted(roles)]
+            live = [k for k in present if not _is_hole(node[k])]
+            if live:
+                missing = prefix + (keys.b if "a" in roles else keys.a)
+                problems.append(
+                    f"unpaired LoRA factor at {_path_str((*path, jax.tree_util.DictKey(live[0])))}"
+                    f" (shape {_shape(_single_leaf(node[live[0]]))}): no {missing!r} beside it")
+        factor_keys = {prefix + getattr(keys, r) for prefix, roles in found.items() for r in roles}
+        for key in node.keys():
+            if key not in factor_keys and not _is_hole(node[key]):
+                for sub, leaf in jax.tree_util.tree_flatten_with_path(node[key])[0]:
+                    stray.append(((*path, jax.tree_util.DictKey(key), *sub), leaf))
+        return prefixes
+
+    def _checked_pair(self, path: str, node: Any, prefix: str | None, what: str,
+                      dims: PairDimensionNumbers | None) -> tuple[Any, Any]:
+        entry_a, entry_b, stats = _factor_entries(node, self.keys, prefix)
         a, b = _single_array(entry_a), _single_array(entry_b)
         if a is None and b is None:
-            return None
+            return None, None
         if a is None or b is None:
             raise ValueError(
                 f"LoRA pair at {path} in {what} is split: one factor is masked or missing "
                 f"(a: {_shape(a)}, b: {_shape(b)}); mask or route both factors together."
             )
-        _validate_pair(path, a, b)
-        return LoRAPair(a, b, stats)
+        layout = _validate_pair(path, a, b, dims)
+        return LoRAPair(*layout.to_2d(a, b), stats), layout
 
     @property
     def num_pairs(self) -> int:
@@ -185,53 +475,110 @@ class PairTree:
                 f"{what} does not have the pair structure of params (pairs at {self.paths}): {err}"
             ) from err
 
+    def _nodes(self, tree: Any, what: str) -> list[Any]:
+        try:
+            return self.node_treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{what} does not have the pair structure of params (pairs at {self.paths}): {err}"
+            ) from err
+
     def pairs_of(self, tree: Any, what: str) -> list[LoRAPair | None]:
-        """The factor arrays of ``tree`` pair by pair, checked against the params' shapes."""
+        """The factor arrays of ``tree`` pair by pair in the 2-D view, checked against the
+        params' shapes."""
+        nodes = self._nodes(tree, what)
         result = []
-        for path, ref, node in zip(self.paths, self.pairs, self.items(tree, what)):
+        for site, ref, layout in zip(self.sites, self.pairs, self.layouts):
             if ref is None:
                 result.append(None)
                 continue
+            node = nodes[site.node]
             if not is_pair_node(node, self.keys):
-                raise ValueError(f"{what} at {path}: expected a LoRA pair, got {type(node)}")
-            entry_a, entry_b, stats = _members(node, self.keys)
+                raise ValueError(f"{what} at {site.path}: expected a LoRA pair, got {type(node)}")
+            try:
+                entry_a, entry_b, stats = _factor_entries(node, self.keys, site.prefix)
+            except KeyError as err:
+                raise ValueError(f"{what} at {site.path}: factor {err} is missing") from err
             a, b = _single_array(entry_a), _single_array(entry_b)
-            for name, x, r in (("a", a, ref.a), ("b", b, ref.b)):
-                if _shape(x) != _shape(r):
+            for name, x, shape in (("a", a, layout.a_shape), ("b", b, layout.b_shape)):
+                if _shape(x) != shape:
                     raise ValueError(
-                        f"{what} at {path}: factor {name} has shape {_shape(x)} but params have "
-                        f"{_shape(r)}"
+                        f"{what} at {site.path}: factor {name} has shape {_shape(x)} but params "
+                        f"have {shape}"
                     )
-            result.append(LoRAPair(a, b, stats))
+            result.append(LoRAPair(*layout.to_2d(a, b), stats))
         return result
 
     def unflatten(self, items: Sequence[Any]) -> Any:
         return self.treedef.unflatten(list(items))
 
     def rebuild(self, like: Any, new_pairs: Sequence[LoRAPair | None]) -> Any:
-        """``like`` (a tree of pairs) with its factor arrays replaced by ``new_pairs``."""
-        nodes = self.items(like, "updates")
-        out = [
-            node if new is None else _rebuild(node, self.keys, new.a, new.b, new.stats)
-            for node, new in zip(nodes, new_pairs)
-        ]
-        return self.unflatten(out)
+        """``like`` (a tree of pairs) with its factor arrays replaced by ``new_pairs`` (2-D view,
+        restored to the params' layout and, for concrete arrays, to ``like``'s placements)."""
+        nodes = self._nodes(like, "updates")
+        replaced: dict[int, dict] = {}
+        for site, layout, new in zip(self.sites, self.layouts, new_pairs):
+            if new is None:
+                continue
+            entry_a, entry_b, old_stats = _factor_entries(nodes[site.node], self.keys, site.prefix)
+            a, b = layout.from_2d(new.a, new.b)
+            if not layout.identity:
+                a = _placed_like(a, _single_array(entry_a))
+                b = _placed_like(b, _single_array(entry_b))
+            stats = old_stats if old_stats is None else jax.tree.map(
+                lambda _, s: s, old_stats, new.stats)
+            replaced.setdefault(site.node, {})[site.prefix] = (
+                _replace_single_array(entry_a, a), _replace_single_array(entry_b, b), stats)
+        out = [node if i not in replaced else self._replace(node, replaced[i])
+               for i, node in enumerate(nodes)]
+        return self.node_treedef.unflatten(out)
+
+    def _replace(self, node: Any, new: dict) -> Any:
+        if isinstance(node, LoRAPair):
+            return LoRAPair(*new[None])
+        keys = self.keys
+        table = {}
+        for prefix, (a, b, stats) in new.items():
+            table.update({prefix + keys.a: a, prefix + keys.b: b})
+            if stats is not None:
+                table[prefix + keys.stats] = stats
+        children, treedef = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x: x is not node)
+        return jax.tree.unflatten(
+            treedef, [table.get(path[0].key, child) for path, child in children])
 
 
-def _validate_pair(path: str, a: Any, b: Any) -> None:
+def _single_leaf(x: Any) -> Any:
+    leaves = jax.tree.leaves(x)
+    return leaves[0] if len(leaves) == 1 else x
+
+
+def _placed_like(x: Any, ref: Any) -> Any:
+    """``x`` with ``ref``'s sharding: placed if both are concrete, resharded on ``Explicit``
+    meshes."""
+    if _explicit_mesh():
+        return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*_spec(ref)))
+    sharding = _placement(ref)
+    if isinstance(sharding, jax.sharding.NamedSharding) and _placement(x) is not None:
+        return jax.device_put(x, sharding)
+    return x
+
+
+def _validate_pair(path: str, a: Any, b: Any, dims: PairDimensionNumbers | None) -> _Layout:
     sa, sb = _shape(a), _shape(b)
     where = f"LoRA pair at {path}: a {sa}, b {sb}"
     if len(sa) < 2 or len(sb) < 2:
         raise ValueError(f"{where}: factors need at least 2 dimensions (..., m, r) / (..., r, n)")
-    if sa[:-2] != sb[:-2]:
-        raise ValueError(f"{where}: leading batch axes differ ({sa[:-2]} vs {sb[:-2]})")
-    if sa[-1] != sb[-2]:
-        raise ValueError(f"{where}: ranks differ (a has r={sa[-1]}, b has r={sb[-2]})")
-    if sa[-1] > min(sa[-2], sb[-1]):
-        raise ValueError(f"{where}: rank r={sa[-1]} exceeds min(m, n)={min(sa[-2], sb[-1])}")
+    try:
+        layout = _infer_layout(sa, sb) if dims is None else _layout(sa, sb, dims)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if layout.r > min(layout.m, layout.n):
+        raise ValueError(f"{where}: rank r={layout.r} exceeds min(m, n)={min(layout.m, layout.n)}")
     for name, x in (("a", a), ("b", b)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{where}: factor {name} has non-float dtype {x.dtype}")
+    return layout
 
 
 def require_params(params: Any, name: str) -> None:
@@ -465,7 +812,8 @@ def init_pairs(fn: Callable[[LoRAPair], Any], params: Any, keys: PairKeys = DEFA
     """A per-pair state tree: ``fn(p)`` for each pair ``p`` (2-D float32 factors), batched.
 
     The result mirrors the pair-level structure of ``params``; holes get ``None``. Arrays
-    ``fn`` returns that do not depend on ``p`` are broadcast over the pair's batch axes.
+    ``fn`` returns that do not depend on ``p`` are broadcast over the pair's batch axes. No two
+    leaves of the result share a buffer, nor with ``params`` (so the state can be donated).
     """
     structure = PairTree(params, keys, "params")
     live = [i for i, p in enumerate(structure.pairs) if p is not None]
@@ -475,7 +823,24 @@ def init_pairs(fn: Callable[[LoRAPair], Any], params: Any, keys: PairKeys = DEFA
     items: list[Any] = [None] * len(structure.pairs)
     for i, out in zip(live, outputs):
         items[i] = out
-    return structure.unflatten(items)
+    return _unaliased(structure.unflatten(items), params)
+
+
+def _unaliased(state: Any, params: Any) -> Any:
+    """``state`` with every concrete array that also appears elsewhere in it, or in ``params``,
+    copied: trainers donate the optimizer state (Tunix's ``PeftTrainer``), and a buffer donated
+    twice, or shared with the model, is an error (an init returning ``(zeros, zeros)``, or a
+    factor itself, would otherwise alias)."""
+    seen = {id(x) for x in jax.tree.leaves(params)}
+
+    def fresh(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if id(x) in seen:
+                x = jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(fresh, state)
 
 
 def abstract_safe_init(init_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -38,12 +38,13 @@ class Method:
         return self.name
 
 
-def _loraplus_adamw(learning_rate, ratio=4.0):
-    return lro.loraplus(optax.adamw, ratio, learning_rate=learning_rate, weight_decay=0.0)
+def _loraplus_adamw(learning_rate, ratio=4.0, keys=lro.DEFAULT_KEYS):
+    return lro.loraplus(optax.adamw, ratio, learning_rate=learning_rate, weight_decay=0.0,
+                        keys=keys)
 
 
-def _sylvester_lift_adam(learning_rate):
-    return lro.sylvester_lift(optax.adam(learning_rate))
+def _sylvester_lift_adam(learning_rate, keys=lro.DEFAULT_KEYS):
+    return lro.sylvester_lift(optax.adam(learning_rate), keys=keys)
 
 
 METHODS: list[Method] = [

@@ -30,6 +30,7 @@ EXECUTED_PAGES = [
     "docs/getting_started.md",
     "docs/guide.md",
     "docs/conventions.md",
+    "docs/tunix.md",
     "docs/methods/riemannian.md",
     "docs/methods/lora_s.md",
     "docs/methods/altlora.md",

@@ -151,7 +151,7 @@ def test_loraplus_equals_two_learning_rates(make):
 
 def test_loraplus_refuses_or_keeps_leaves_outside_pairs():
     params = {"s": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}, "bias": jnp.ones(3)}
-    with pytest.raises(ValueError, match=r"leaf at \['bias'\] \(shape \(3,\)\) is not in a LoRA"):
+    with pytest.raises(ValueError, match=r"leaf at \[.bias.\] \(shape \(3,\)\) is not part of"):
         tx = lro.loraplus(optax.sgd(1.0), 4.0)
         tx.update(params, tx.init(params))
     tx = lro.loraplus(optax.sgd(1.0), 4.0, non_pair="keep")

@@ -83,12 +83,14 @@ CHOICES = {"order": "c_first", "clip_scope": "layer", "moment": "half", "non_pai
 
 def _build(fn, **overrides):
     kwargs = {name: REQUIRED[name] for name, p in inspect.signature(fn).parameters.items()
-              if p.default is inspect.Parameter.empty and p.kind != p.VAR_KEYWORD}
-    if fn is lro.loraplus:
-        kwargs["base"] = optax.adamw
+              if p.default is inspect.Parameter.empty
+              and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    args = ()
+    if fn is lro.loraplus:   # loraplus(base, ratio=..., ...): the base is positional
+        args = (optax.adamw,)
         kwargs["learning_rate"] = 0.1
     kwargs.update(overrides)
-    return fn(**kwargs)
+    return fn(*args, **kwargs)
 
 
 def _params_of(fn):
@@ -256,12 +258,12 @@ def test_state_type_names_both_types():
 
 def test_every_wrong_pair_is_named_with_its_factor_shapes():
     params = {"q": _pair(6, 2, 5), "v": _pair(6, 2, 5), "o": _pair(6, 2, 5)}
-    wrong = {"q": _pair(8, 2, 5), "v": _pair(6, 2, 5), "o": _pair(6, 2, 5, (2,))}
+    wrong = {"q": _pair(8, 2, 5), "v": _pair(6, 2, 5), "o": _pair(6, 2, 5, (3,))}
     tx = lro.altlora(0.1)
     error = _update_error(tx, _init(tx, wrong), params)
     assert "state[0].mu['q'].a has shape (8, 2), expected (6, 2) (pair at ['q']: " \
            "a (6, 2), b (2, 5))" in error
-    assert "state[0].anchor['o'].b has shape (2, 2, 5), expected (2, 5) (pair at " \
+    assert "state[0].anchor['o'].b has shape (3, 2, 5), expected (2, 5) (pair at " \
            "['o']" in error
     assert "['v']" not in error
 

@@ -1,0 +1,145 @@
+"""Tunix models with Qwix LoRA, trained by every method with no adapter code and no ``keys=``.
+
+Tiny random-init Llama3, Qwen3, Gemma (``num_kv_heads=1``: ``q_einsum`` + ``kv_einsum``) and
+Gemma with the fused ``qkv_einsum`` (``num_kv_heads=4``) carry Qwix LoRA on q/k/v/o and the MLP:
+factors of shapes ``(32, 4)·(4, 4, 8)``, ``(4, 8, 4)·(4, 32)``, ``(32, 4)·(4, 2, 1, 8)``,
+``(32, 4)·(4, 3, 4, 8)`` beside the frozen weights. To keep the suite fast, the four models live
+in one module, so one compiled gradient serves every method (each method compiles only its
+update). ``PeftTrainer`` compiles its whole step per optimizer, so it runs three methods (of
+different state structures) on all four models, with gradient accumulation and a checkpoint
+round trip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+pytest.importorskip("tunix")
+pytest.importorskip("qwix")
+
+from methods import BY_NAME, METHODS  # noqa: E402
+from tunix.sft import peft_trainer  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tunix" / "finetune.py"
+_spec = importlib.util.spec_from_file_location("tunix_finetune", EXAMPLE)
+ft = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ft)
+
+STEPS = 5
+# learning rates for these models (the registry's are tuned for the matrix-factorisation battery)
+LEARNING_RATE = {"scaled_sgd": 0.3, "lora_pro_sgd": 0.3, "solora_sgd": 0.3, "quotient_sgd": 0.3}
+# PeftTrainer compiles its whole step per optimizer: three methods with different state
+# structures (optax chain; NamedTuple with None entries; four per-pair trees and global norms)
+PEFT_METHODS = ["loraplus_adamw", "adams", "lora_rite_global_escape_cap"]
+
+
+class Zoo(nnx.Module):
+    """The four LoRA models side by side (one optimizer, one compiled gradient)."""
+
+    def __init__(self):
+        for family in ft.FAMILIES:
+            setattr(self, family, ft.abstract_lora_model(family))
+
+
+def zoo_losses(zoo, tokens):
+    inputs = ft.model_inputs(tokens)
+    return jnp.stack([peft_trainer._default_loss_fn(getattr(zoo, f), **inputs)
+                      for f in ft.FAMILIES])
+
+
+def zoo_loss(zoo, input_tokens, input_mask, positions, attention_mask):
+    """Tunix's default loss summed over the four models (a loss function for PeftTrainer)."""
+    return sum(peft_trainer._default_loss_fn(getattr(zoo, f), input_tokens, input_mask,
+                                             positions, attention_mask) for f in ft.FAMILIES)
+
+
+@nnx.jit
+def losses_and_grads(zoo, tokens):
+    loss_fn = lambda zoo: (lambda l: (l.sum(), l))(zoo_losses(zoo, tokens))  # noqa: E731
+    (_, losses), grads = nnx.value_and_grad(
+        loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)(zoo)
+    return losses, grads
+
+
+@nnx.jit
+def apply(optimizer, zoo, grads):
+    optimizer.update(zoo, grads)
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    zoo = ft.random_init(nnx.eval_shape(Zoo))
+    return zoo, nnx.to_pure_dict(nnx.state(zoo, nnx.LoRAParam))
+
+
+def _tokens():
+    return jnp.asarray(next(ft.batches()).input_tokens)
+
+
+def test_qwix_layouts_are_the_issue_s(zoo):
+    shapes = jax.tree.map(jnp.shape, zoo[1])
+    attn = {f: shapes[f]["layers"][0]["attn"] for f in ft.FAMILIES}
+    pair = lambda site: (site["w_lora_a"], site["w_lora_b"])  # noqa: E731
+    assert pair(attn["llama3"]["q_proj"]) == ((32, 4), (4, 4, 8))
+    assert pair(attn["qwen3"]["o_proj"]) == ((4, 8, 4), (4, 32))
+    assert pair(attn["gemma"]["kv_einsum"]) == ((32, 4), (4, 2, 1, 8))
+    assert pair(attn["gemma_qkv"]["qkv_einsum"]) == ((32, 4), (4, 3, 4, 8))
+    mlp = shapes["gemma"]["layers"][0]["mlp"]["down_proj"]
+    assert (mlp["kernel_lora_a"], mlp["kernel_lora_b"]) == ((32, 4), (4, 32))
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_every_method_trains_four_tunix_models_through_nnx_optimizer(zoo, method):
+    model, initial = zoo
+    nnx.update(model, initial)
+    frozen = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    optimizer = nnx.Optimizer(
+        model, method.make(LEARNING_RATE.get(method.name, method.learning_rate)),
+        wrt=nnx.LoRAParam)
+    tokens = _tokens()
+    before, grads = losses_and_grads(model, tokens)
+    for _ in range(STEPS):
+        apply(optimizer, model, grads)
+        after, grads = losses_and_grads(model, tokens)
+    before, after = np.asarray(before), np.asarray(after)
+    assert np.isfinite(after).all(), dict(zip(ft.FAMILIES, after))
+    assert (after < before).all(), dict(zip(ft.FAMILIES, zip(before, after)))
+    jax.tree.map(np.testing.assert_array_equal,           # the base weights are untouched
+                 nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))), frozen)
+
+
+@pytest.mark.parametrize("name", PEFT_METHODS)
+def test_peft_trainer_trains_four_models_and_restores_its_checkpoint(zoo, tmp_path, name):
+    """Two optimizer steps of two accumulated micro-batches (``optax.MultiSteps``), saved by
+    Tunix's checkpoint manager; a new trainer on the reset models restores the factors and the
+    optimizer state. The learning rate is injected (PeftTrainer logs it)."""
+    model, initial = zoo
+    nnx.update(model, initial)
+    method = BY_NAME[name]
+    tx = optax.inject_hyperparams(method.factory)(method.learning_rate, **method.kwargs)
+    tokens = _tokens()
+    before = np.asarray(losses_and_grads(model, tokens)[0])
+    trainer = ft.make_trainer(model, tx, steps=2, checkpoint_dir=str(tmp_path), accumulation=2)
+    trainer.with_loss_fn(zoo_loss).train(ft.batches())
+    after = np.asarray(losses_and_grads(model, tokens)[0])
+    assert np.isfinite(after).all() and (after < before).all(), (before, after)
+    assert trainer._train_steps == 2 and trainer._try_get_learning_rate() is not None
+    trained = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    opt_state = nnx.to_pure_dict(nnx.state(trainer.optimizer, nnx.optimizer.OptState))
+
+    nnx.update(model, initial)
+    restored = ft.make_trainer(model, tx, steps=2, checkpoint_dir=str(tmp_path), accumulation=2)
+    assert restored._train_steps == 2
+    jax.tree.map(np.testing.assert_array_equal,
+                 nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)), trained)
+    jax.tree.map(np.testing.assert_array_equal,
+                 nnx.to_pure_dict(nnx.state(restored.optimizer, nnx.optimizer.OptState)),
+                 opt_state)
