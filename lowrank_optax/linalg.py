@@ -22,6 +22,8 @@ the contraction becomes a local product followed by a reduction, which XLA inser
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -105,6 +107,7 @@ def _put_column(x: jax.Array, j: jax.Array, column: jax.Array) -> jax.Array:
     return jnp.where(mask, column[..., :, None], x)
 
 
+@jax.jit
 def _cholesky_and_inverse(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(L, L⁻¹)`` of symmetric ``s = L Lᵀ`` in one loop over the columns: step ``j`` computes
     column ``j`` of ``L`` (left-looking, a batched matvec) and then row ``j`` of ``L⁻¹`` (forward
@@ -239,6 +242,7 @@ def _block_diagonals(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return diag[..., :h], diag[..., h:], jnp.diagonal(x[..., :h, h:], axis1=-2, axis2=-1)
 
 
+@functools.partial(jax.jit, static_argnames="vectors")
 def _jacobi_eigh(s: jax.Array, vectors: bool) -> tuple[jax.Array, jax.Array | None]:
     n = s.shape[-1]
     x = _pad_even(0.5 * (s + mT(s)))
@@ -287,6 +291,7 @@ def eigvalsh(s: jax.Array) -> jax.Array:
     return _jacobi_eigh(s, vectors=False)[0]
 
 
+@jax.jit
 def pinv(x: jax.Array) -> jax.Array:
     """Moore–Penrose pseudo-inverse of a square ``x`` (``jnp.linalg.pinv``'s contract and
     cutoff: singular values at most ``10·r·eps·σ_max`` count as zero; a zero matrix gives zero).
@@ -322,6 +327,7 @@ def pinv(x: jax.Array) -> jax.Array:
     return (v * inv_sigma2[..., None, :]) @ mT(u)
 
 
+@jax.jit
 def _householder_qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Thin Householder QR of ``x: (..., m, k)``, ``m ≥ k``, LAPACK's conventions (``geqrf`` /
     ``orgqr``: ``R_jj = −sign(x_jj)·‖x_j:‖``, a column already zero below the diagonal is left
