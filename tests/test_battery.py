@@ -145,7 +145,10 @@ def test_multisteps_equals_averaged_gradient(method: Method):
     tx = method.make()
     mean = jax.tree.map(lambda x, y: 0.5 * (x + y), g1, g2)
     expected, _ = tx.update(mean, tx.init(params), params)
-    chex.assert_trees_all_close(second, expected, rtol=1e-5, atol=1e-6)
+    # MultiSteps averages as a running mean, not 0.5·(x + y): rounding-level input differences,
+    # which Adam-type normalisation of near-zero components turns into ~1e-4·lr (seen with
+    # adams_low_memory's Householder bases); a missing or wrong average differs by ~lr.
+    chex.assert_trees_all_close(second, expected, rtol=1e-5, atol=1e-5)
 
 
 @every_method
