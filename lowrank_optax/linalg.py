@@ -55,6 +55,22 @@ RELATIVE_FLOOR = 4.0
 #: Maximum number of Jacobi sweeps (quadratic convergence: float32 needs ~5–7 for r ≤ 64).
 _MAX_SWEEPS = 20
 
+def _compiled_once(fn=None, **jit_kwargs):
+    """``fn`` jitted (so eager calls compile its loops once per shape), except on a mesh with
+    ``Explicit`` axes, where it is traced inline so that it sees the mesh."""
+    if fn is None:
+        return functools.partial(_compiled_once, **jit_kwargs)
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if jax.sharding.get_abstract_mesh().explicit_axes:
+            return fn(*args, **kwargs)
+        return jitted(*args, **kwargs)
+
+    return call
+
+
 def mT(x: jax.Array) -> jax.Array:
     """Swaps the last two axes."""
     return jnp.swapaxes(x, -1, -2)
@@ -107,7 +123,7 @@ def _put_column(x: jax.Array, j: jax.Array, column: jax.Array) -> jax.Array:
     return jnp.where(mask, column[..., :, None], x)
 
 
-@jax.jit
+@_compiled_once
 def _cholesky_and_inverse(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(L, L⁻¹)`` of symmetric ``s = L Lᵀ`` in one loop over the columns: step ``j`` computes
     column ``j`` of ``L`` (left-looking, a batched matvec) and then row ``j`` of ``L⁻¹`` (forward
@@ -242,7 +258,7 @@ def _block_diagonals(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return diag[..., :h], diag[..., h:], jnp.diagonal(x[..., :h, h:], axis1=-2, axis2=-1)
 
 
-@functools.partial(jax.jit, static_argnames="vectors")
+@_compiled_once(static_argnames="vectors")
 def _jacobi_eigh(s: jax.Array, vectors: bool) -> tuple[jax.Array, jax.Array | None]:
     n = s.shape[-1]
     x = _pad_even(0.5 * (s + mT(s)))
@@ -291,7 +307,7 @@ def eigvalsh(s: jax.Array) -> jax.Array:
     return _jacobi_eigh(s, vectors=False)[0]
 
 
-@jax.jit
+@_compiled_once
 def pinv(x: jax.Array) -> jax.Array:
     """Moore–Penrose pseudo-inverse of a square ``x`` (``jnp.linalg.pinv``'s contract and
     cutoff: singular values at most ``10·r·eps·σ_max`` count as zero; a zero matrix gives zero).
@@ -327,7 +343,7 @@ def pinv(x: jax.Array) -> jax.Array:
     return (v * inv_sigma2[..., None, :]) @ mT(u)
 
 
-@jax.jit
+@_compiled_once
 def _householder_qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Thin Householder QR of ``x: (..., m, k)``, ``m ≥ k``, LAPACK's conventions (``geqrf`` /
     ``orgqr``: ``R_jj = −sign(x_jj)·‖x_j:‖``, a column already zero below the diagonal is left
