@@ -43,8 +43,9 @@ def target(cond: float, m: int = 60, n: int = 40, rank: int = 5, seed: int = 0) 
     return (u * np.geomspace(1.0, 1.0 / cond, rank)) @ v.T
 
 
-def relative_errors(tx: optax.GradientTransformation, y: np.ndarray, steps: int,
-                    seed: int = 1) -> np.ndarray:
+def relative_errors(
+    tx: optax.GradientTransformation, y: np.ndarray, steps: int, seed: int = 1
+) -> np.ndarray:
     """Relative error after each of ``steps`` steps from (random a, zero b), in one ``scan``."""
     m, n = y.shape
     rank = int(np.linalg.matrix_rank(y))
@@ -86,8 +87,9 @@ def plot(curves: dict[tuple[str, int], np.ndarray], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CONDITION_NUMBERS), figsize=(5 * len(CONDITION_NUMBERS), 4),
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(CONDITION_NUMBERS), figsize=(5 * len(CONDITION_NUMBERS), 4), sharey=True
+    )
     for ax, cond in zip(axes, CONDITION_NUMBERS):
         for (name, k), errors in curves.items():
             if k == cond:
@@ -103,8 +105,9 @@ def plot(curves: dict[tuple[str, int], np.ndarray], path: pathlib.Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20000)
-    parser.add_argument("--out", type=pathlib.Path,
-                        default=pathlib.Path("runs/matrix_factorization"))
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("runs/matrix_factorization")
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     curves, results = {}, {}

@@ -724,14 +724,37 @@ def evaluate_all(
     return hyps, scores
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """Persist compiled XLA executables in ``directory`` (``""``: off), so that a second run
-    skips the compilation of the gradient, the updates and decoding."""
+_CACHE_OPTIONS = {
+    "jax_compilation_cache_dir": None,  # set from the directory
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: str):
+    """Persist compiled XLA executables in ``directory`` (``""``: off) while the block runs, so
+    that a second run skips the compilation of the gradient, the updates and decoding.
+
+    JAX's cache is process-global: the previous settings are restored on exit, so a caller that
+    runs :func:`main` in-process (a test, a notebook) does not go on writing every later
+    compilation into this directory."""
     if not directory:
+        yield
         return
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).resolve()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    wanted = {**_CACHE_OPTIONS, "jax_compilation_cache_dir": str(Path(directory).resolve())}
+    jax_cache.reset_cache()
+    for name, value in wanted.items():
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        jax_cache.reset_cache()
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -742,7 +765,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ``losses.md`` (``losses.json``) and leaves a scored table alone.
     """
     args = parse_args(argv)
-    enable_compilation_cache(args.jax_cache)
+    with compilation_cache(args.jax_cache):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[Result]:
     timer = PhaseTimer()
     start, cpu_start = time.perf_counter(), PhaseTimer.cpu()
     chosen = parse_optimizers(args.optimizers, args.lr_scale)

@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
         ["--steps", str(own.steps), "--seed", str(own.seed), "--seeds", "1", "--eval-size", "0",
          "--dev-every", str(own.steps), "--out", str(own.out), "--jax-cache", own.jax_cache]
     )  # fmt: skip
-    finetune.enable_compilation_cache(args.jax_cache)
+    with finetune.compilation_cache(args.jax_cache):
+        return _sweep(own, args)
+
+
+def _sweep(own: argparse.Namespace, args: argparse.Namespace) -> dict:
     names = list(finetune.parse_optimizers(own.optimizers, 1.0))
     meta = recipe(args)
     saved = json.loads(own.results.read_text()) if own.results.exists() else {}

@@ -40,8 +40,10 @@ VOCAB, SEQ, RANK, ALPHA = 64, 16, 4, 8.0
 
 # Attention (einsum layers: q/k/v/o; Gemma's q_einsum, kv_einsum, fused qkv_einsum,
 # attn_vec_einsum) and MLP (nnx.Linear: gate/up/down).
-LORA_MODULES = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*q_einsum|.*kv_einsum|.*qkv_einsum" \
-               "|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj"
+LORA_MODULES = (
+    ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*q_einsum|.*kv_einsum|.*qkv_einsum"
+    "|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj"
+)
 
 FAMILIES = ("llama3", "qwen3", "gemma", "gemma_qkv")
 
@@ -51,24 +53,34 @@ def tiny_config(family: str, num_layers: int = 1) -> tuple[type, Any]:
     common = dict(num_layers=num_layers, embed_dim=32, hidden_dim=32, num_heads=4, head_dim=8)
     if family == "llama3":
         return llama3_lib.Llama3, llama3_lib.ModelConfig(
-            vocab_size=VOCAB, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5, **common)
+            vocab_size=VOCAB, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5, **common
+        )
     if family == "qwen3":
         return qwen3_lib.Qwen3, qwen3_lib.ModelConfig(
-            vocab_size=VOCAB, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6, **common)
-    if family in ("gemma", "gemma_qkv"):   # num_kv_heads == num_heads: one fused qkv_einsum
+            vocab_size=VOCAB, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6, **common
+        )
+    if family in ("gemma", "gemma_qkv"):  # num_kv_heads == num_heads: one fused qkv_einsum
         return gemma_lib.Gemma, gemma_lib.ModelConfig(
-            num_embed=VOCAB, num_kv_heads=1 if family == "gemma" else 4,
-            final_logit_softcap=None, use_post_attn_norm=False, use_post_ffw_norm=False,
-            attention_types=(gemma_lib.AttentionType.GLOBAL,) * num_layers, **common)
+            num_embed=VOCAB,
+            num_kv_heads=1 if family == "gemma" else 4,
+            final_logit_softcap=None,
+            use_post_attn_norm=False,
+            use_post_ffw_norm=False,
+            attention_types=(gemma_lib.AttentionType.GLOBAL,) * num_layers,
+            **common,
+        )
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
 def model_inputs(tokens: jax.Array) -> dict[str, jax.Array]:
     """The keyword arguments of Tunix's default loss for a batch of tokens (no padding)."""
     mask = jnp.ones(tokens.shape, bool)
-    return {"input_tokens": tokens, "input_mask": mask,
-            "positions": sft_utils.build_positions_from_mask(mask),
-            "attention_mask": sft_utils.make_causal_attn_mask(mask)}
+    return {
+        "input_tokens": tokens,
+        "input_mask": mask,
+        "positions": sft_utils.build_positions_from_mask(mask),
+        "attention_mask": sft_utils.make_causal_attn_mask(mask),
+    }
 
 
 def abstract_lora_model(family: str, num_layers: int = 1, seed: int = 0) -> nnx.Module:
@@ -81,8 +93,14 @@ def abstract_lora_model(family: str, num_layers: int = 1, seed: int = 0) -> nnx.
     def build():
         model = cls(config, rngs=nnx.Rngs(params=seed))
         return qwix.apply_lora_to_model(
-            model, provider, inputs["input_tokens"], inputs["positions"], None,
-            inputs["attention_mask"], rngs=nnx.Rngs(seed + 1))
+            model,
+            provider,
+            inputs["input_tokens"],
+            inputs["positions"],
+            None,
+            inputs["attention_mask"],
+            rngs=nnx.Rngs(seed + 1),
+        )
 
     return nnx.eval_shape(build)
 
@@ -145,13 +163,21 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
 }
 
 
-def make_trainer(model: nnx.Module, tx: optax.GradientTransformation, steps: int,
-                 checkpoint_dir: str | None = None, accumulation: int | None = 2
-                 ) -> peft_trainer.PeftTrainer:
+def make_trainer(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    steps: int,
+    checkpoint_dir: str | None = None,
+    accumulation: int | None = 2,
+) -> peft_trainer.PeftTrainer:
     """Tunix's PeftTrainer with gradient accumulation and checkpointing of the optimizer."""
     config = peft_trainer.TrainingConfig(
-        eval_every_n_steps=10**9, max_steps=steps, gradient_accumulation_steps=accumulation,
-        checkpoint_root_directory=checkpoint_dir, pbar_description=None)
+        eval_every_n_steps=10**9,
+        max_steps=steps,
+        gradient_accumulation_steps=accumulation,
+        checkpoint_root_directory=checkpoint_dir,
+        pbar_description=None,
+    )
     trainer = peft_trainer.PeftTrainer(model, tx, config)
     return trainer.with_gen_model_input_fn(gen_model_input_fn)
 
