@@ -56,17 +56,23 @@ RELATIVE_FLOOR = 4.0
 _MAX_SWEEPS = 20
 
 def _compiled_once(fn=None, **jit_kwargs):
-    """``fn`` jitted (so eager calls compile its loops once per shape), except on a mesh with
-    ``Explicit`` axes, where it is traced inline so that it sees the mesh."""
+    """``fn`` jitted, so that eager calls compile its loops once per shape.
+
+    ``fn`` takes a batch of r×r (or r-vector) operands whose batch axes lead, and returns arrays
+    with the same batch axes. On a mesh with ``Explicit`` axes its loops run with the mesh axes
+    made ``Auto`` (a loop carry must keep one sharding type, and a fresh identity or zero carry
+    has none), and every output comes back sharded over the batch axes as the first operand."""
     if fn is None:
         return functools.partial(_compiled_once, **jit_kwargs)
     jitted = jax.jit(fn, **jit_kwargs)
 
     @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if jax.sharding.get_abstract_mesh().explicit_axes:
-            return fn(*args, **kwargs)
-        return jitted(*args, **kwargs)
+    def call(x, *args, **kwargs):
+        if not jax.sharding.get_abstract_mesh().explicit_axes:
+            return jitted(x, *args, **kwargs)
+        batch_spec = tuple(jax.typeof(x).sharding.spec)[: x.ndim - 2]
+        bound = functools.partial(jitted, **kwargs)
+        return jax.sharding.auto_axes(bound, out_sharding=jax.sharding.PartitionSpec(*batch_spec))(x, *args)
 
     return call
 

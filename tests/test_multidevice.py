@@ -43,11 +43,7 @@ RETRIES = 2
 
 
 def _cases() -> list:
-    # The looped r×r kernels (linalg) fail under jit on an Explicit mesh ("Resource axis x not
-    # found in mesh ()"): a known regression of the pure-JAX kernels, see the issue-12 note.
-    explicit_bug = pytest.mark.xfail(reason="looped linalg kernels under jit on Explicit meshes")
-    return [pytest.param(method.name, check, id=f"{method.name}-{check}",
-                         marks=[explicit_bug] if check == "jit_explicit" else [])
+    return [pytest.param(method.name, check, id=f"{method.name}-{check}")
             for method in METHODS
             for check in (CORE_CHECKS if method.name in CORE_METHODS else EVERY_METHOD_CHECKS)]
 
