@@ -55,11 +55,16 @@ __all__ = ["quotient_gradient", "quotient_sgd", "scale_by_quotient"]
 
 
 def quotient_gradient(g: LoRAPair, p: LoRAPair, delta: float | jax.Array = 0.0) -> LoRAPair:
-    """Riemannian gradient under metric (7): ``(∇a (aᵀa + δI), (b bᵀ + δI) ∇b)``."""
-    return LoRAPair(
-        g.a @ linalg.regularize(linalg.gram_a(p.a), delta),
-        linalg.regularize(linalg.gram_b(p.b), delta) @ g.b,
-    )
+    """Riemannian gradient under metric (7): ``(∇a (aᵀa + δI), (b bᵀ + δI) ∇b)``.
+
+    The Grams multiply, nothing is inverted, so ``δ`` is exactly the user's (no
+    :func:`~lowrank_optax.linalg.damping` floor): with ``δ = 0`` a factor pair from ``b = 0``
+    stays at ``b = 0``, as the paper says of plain Quotient GD."""
+
+    def shifted(gram: jax.Array) -> jax.Array:
+        return gram + jnp.asarray(delta, gram.dtype) * jnp.eye(gram.shape[-1], dtype=gram.dtype)
+
+    return LoRAPair(g.a @ shifted(linalg.gram_a(p.a)), shifted(linalg.gram_b(p.b)) @ g.b)
 
 
 class ScaleByQuotientState(NamedTuple):

@@ -8,12 +8,22 @@ nothing to do with the library. The library pins its own precision
 checks that under a reduced default. The GPT-2 example's modules (``examples/gpt2/``: model,
 tokenizer, decoding, E2E data, metrics) are importable by their names, as the example's scripts
 import them.
+
+Compiling (each method's update, at small shapes) dominates the suite's time, so the tests
+compile at XLA:CPU's backend optimisation level 0 (appended to the caller's ``XLA_FLAGS``; it
+changes code generation, not the computation); ``test_no_hang`` runs its children without any
+flag, as a user does.
 """
 
+import os
 import sys
 from pathlib import Path
 
-import jax
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"])
+)
+
+import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it starts)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gpt2"))
 

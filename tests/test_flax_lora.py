@@ -338,7 +338,8 @@ def test_sharding_metadata():
     specs = nnx.get_partition_spec(nnx.state(layer, nnx.LoRAParam))
     assert tuple(specs["lora_a"].get_value()) == ("data", None)
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    with jax.set_mesh(mesh):
+    # explicit: importing Tunix's models turns flax's eager sharding off process-wide
+    with jax.set_mesh(mesh), nnx.use_eager_sharding(True):
         layer = LoRALinear(_linear(), R, alpha=1.0, a_sharding=("data", None), rngs=nnx.Rngs(0))
     assert layer.lora_a[...].sharding.spec == jax.sharding.PartitionSpec("data", None)
 
