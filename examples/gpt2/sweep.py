@@ -82,7 +82,7 @@ def markdown(results: dict, meta: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Sweep; returns ``{optimizer: {rate: dev loss}}``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--optimizers", default="", help="comma list; default: every one")
+    p.add_argument("--optimizers", default="all", help="comma list; default: every one")
     p.add_argument("--steps", type=int, default=finetune.STEPS)
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--max-points", type=int, default=5)
