@@ -70,9 +70,9 @@ def _compiled_once(fn=None, **jit_kwargs):
     def call(x, *args, **kwargs):
         if not jax.sharding.get_abstract_mesh().explicit_axes:
             return jitted(x, *args, **kwargs)
-        batch_spec = tuple(jax.typeof(x).sharding.spec)[: x.ndim - 2]
+        batch_spec = jax.sharding.PartitionSpec(*tuple(jax.typeof(x).sharding.spec)[: x.ndim - 2])
         bound = functools.partial(jitted, **kwargs)
-        return jax.sharding.auto_axes(bound, out_sharding=jax.sharding.PartitionSpec(*batch_spec))(x, *args)
+        return jax.sharding.auto_axes(bound, out_sharding=batch_spec)(x, *args)
 
     return call
 
