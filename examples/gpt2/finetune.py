@@ -58,7 +58,7 @@ from metrics import e2e_metrics
 from tokenizer import GPT2Tokenizer
 
 HERE = Path(__file__).resolve().parent
-STEPS = 60  # per optimizer and seed: the default run (10 optimizers × 3 seeds) fits 10 minutes
+STEPS = 60  # per optimizer and seed: the default run (5 optimizers × 3 seeds) fits 10 minutes
 DEV_SIZE = 32
 WARMUP_FRACTION = 0.1  # linear warm-up over the first 10 % of the steps, then cosine decay
 

@@ -1,6 +1,6 @@
 """Learning-rate sweep behind the ``OPTIMIZERS`` table of ``finetune.py``.
 
-    python examples/gpt2/sweep.py                      # every optimizer, about 10 minutes
+    python examples/gpt2/sweep.py                      # every optimizer, ~15 min on 2 cores
     python examples/gpt2/sweep.py --optimizers adamw   # one (re)sweep
 
 Every optimizer runs the default recipe of ``finetune.py`` (same steps, batch, warm-up +
