@@ -50,13 +50,13 @@ def _run_steps(tx, params, steps):
     return params, state
 
 
+ZERO_B_STEPS = 200
+
+
 def _training_steps(method: Method) -> int:
     """One scan length serves the convergence and the zero-``b`` tests (one compilation); its
     history holds the loss after ``k`` steps at index ``k``."""
     return max(method.steps, ZERO_B_STEPS) + 1
-
-
-ZERO_B_STEPS = 200
 
 
 @every_method
@@ -69,8 +69,9 @@ def test_converges_in_scan(method: Method):
 @every_method
 def test_zero_init_b_stays_finite_for_200_steps(method: Method):
     params = lora_params(zero_b=True)
-    _, history = _jitted_train(method.name, _training_steps(method))(params)
+    final, history = _jitted_train(method.name, _training_steps(method))(params)
     assert np.all(np.isfinite(history[: ZERO_B_STEPS + 1]))  # the factors after 200 steps
+    chex.assert_tree_all_finite(final)  # and after the shared scan's last step
 
 
 @every_method
