@@ -177,26 +177,46 @@ def _b_step(g, a, b, mu, nu, anchor, k, hp: _Hyper):
     return _with_decay(direction, b, hp), new_mu, new_nu
 
 
-def _select(flag, new, old):
-    return None if new is None else jnp.where(flag, new, old)
+def _like(new, old):
+    return None if new is None else new.astype(old.dtype)
 
 
-def _pair_update(g, p, mu, nu, anchor, *, a_active, b_active, k, hp: _Hyper):
+def _joint_update(g, p, mu, nu, anchor, k, hp: _Hyper):
+    """Both factors from one gradient: a first, then b preconditioned with the updated a."""
     u_a, mu_a, nu_a = _a_step(g, p, mu, nu, anchor, k, hp)
-    # Joint mode (official code): b is preconditioned with the already-updated a.
-    a_next = p.a if hp.learning_rate is None else p.a - hp.learning_rate * u_a
+    a_next = p.a - hp.learning_rate * u_a
     u_b, mu_b, nu_b = _b_step(g, a_next, p.b, mu, nu, anchor, k, hp)
-    updates = LoRAPair(
-        jnp.where(a_active, u_a, 0.0 * g.a), jnp.where(b_active, u_b, 0.0 * g.b)
-    )
-    new_mu = LoRAPair(_select(a_active, mu_a, mu.a), _select(b_active, mu_b, mu.b))
-    new_anchor = LoRAPair(
-        jnp.where(b_active, a_next, anchor.a), jnp.where(a_active, p.b, anchor.b)
-    )
-    if nu is None:
-        return updates, new_mu, new_anchor
-    new_nu = LoRAPair(_select(a_active, nu_a, nu.a), _select(b_active, nu_b, nu.b))
-    return updates, new_mu, new_nu, new_anchor
+    new_nu = None if nu is None else LoRAPair(nu_a, nu_b)
+    return LoRAPair(u_a, u_b), LoRAPair(mu_a, mu_b), new_nu, LoRAPair(a_next, p.b)
+
+
+def _a_half_step(g, p, mu, nu, anchor, k, hp: _Hyper):
+    """The a-step; b's update is ``0·∇b`` and its moments stay; the anchor records ``b``."""
+    u_a, mu_a, nu_a = _a_step(g, p, mu, nu, anchor, k, hp)
+    new_nu = None if nu is None else LoRAPair(_like(nu_a, nu.a), nu.b)
+    return (LoRAPair(_like(u_a, g.a), 0.0 * g.b), LoRAPair(_like(mu_a, mu.a), mu.b), new_nu,
+            LoRAPair(anchor.a, p.b.astype(anchor.b.dtype)))
+
+
+def _b_half_step(g, p, mu, nu, anchor, k, hp: _Hyper):
+    """The b-step; a's update is ``0·∇a`` and its moments stay; the anchor records ``a``."""
+    u_b, mu_b, nu_b = _b_step(g, p.a, p.b, mu, nu, anchor, k, hp)
+    new_nu = None if nu is None else LoRAPair(nu.a, _like(nu_b, nu.b))
+    return (LoRAPair(0.0 * g.a, _like(u_b, g.b)), LoRAPair(mu.a, _like(mu_b, mu.b)), new_nu,
+            LoRAPair(p.a.astype(anchor.a.dtype), anchor.b))
+
+
+def _pair_update(g, p, mu, nu, anchor, *, a_active, k, hp: _Hyper):
+    """``(updates, mu, nu, anchor)`` of one pair. Alternating calls compute only the active
+    factor's half-step: ``lax.cond`` on the (unbatched) step parity under ``jit``, a Python
+    branch when it is concrete (an eager ``cond`` would compile its fresh branches each call)."""
+    if hp.learning_rate is not None:
+        return _joint_update(g, p, mu, nu, anchor, k, hp)
+    operands = (g, p, mu, nu, anchor)
+    if not isinstance(a_active, jax.core.Tracer):
+        return (_a_half_step if a_active else _b_half_step)(*operands, k, hp)
+    return jax.lax.cond(a_active, lambda *x: _a_half_step(*x, k, hp),
+                        lambda *x: _b_half_step(*x, k, hp), *operands)
 
 
 def _zeros_pair(p: LoRAPair) -> LoRAPair:
@@ -312,7 +332,7 @@ def scale_by_altlora(
 
     def update_fn(updates, state, params=None):
         require_params(params, "scale_by_altlora")
-        a_active, b_active = _active(state.count, state.schedule)
+        a_active, _ = _active(state.count, state.schedule)
         k = state.count + 1 if joint else state.count // 2 + 1
         joint_lr = None
         if joint:
@@ -323,8 +343,10 @@ def scale_by_altlora(
 
         def fn(g, p, mu, *rest):
             nu, anchor = rest if second_moment else (None, rest[0])
-            return _pair_update(g, p, mu, nu, anchor, a_active=a_active, b_active=b_active,
-                                k=k, hp=hp)
+            updates, new_mu, new_nu, new_anchor = _pair_update(g, p, mu, nu, anchor,
+                                                               a_active=a_active, k=k, hp=hp)
+            return (updates, new_mu, new_anchor) if nu is None else (
+                updates, new_mu, new_nu, new_anchor)
 
         moment_trees = (state.mu, state.nu) if second_moment else (state.mu,)
         new_updates, *new_trees = map_pairs(fn, updates, params, *moment_trees, state.anchor,

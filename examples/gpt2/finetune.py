@@ -842,8 +842,8 @@ def _run(args: argparse.Namespace) -> list[Result]:
     timing = f"Wall time: {timer.summary()} (measured {wall:.0f} s; process CPU {cpu:.0f} s)."
     report = "metrics" if groups else "losses"
     (args.out / f"{report}.md").write_text(f"{table}\n{timing}\n")
-    rows = [{"name": r.name, "learning_rate": r.learning_rate, "dev": r.dev, "metrics": r.metrics,
-             "train_seconds": r.train_seconds} for r in results]  # fmt: skip
+    rows = [{"name": r.name, "learning_rate": r.learning_rate, "losses": r.losses, "dev": r.dev,
+             "metrics": r.metrics, "train_seconds": r.train_seconds} for r in results]  # fmt: skip
     (args.out / f"{report}.json").write_text(json.dumps({"rows": rows, "wall_s": wall}, indent=1))
     print(table)
     print(timing)
