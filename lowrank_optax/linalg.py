@@ -314,9 +314,10 @@ def eigvalsh(s: jax.Array) -> jax.Array:
 
 
 @_compiled_once
-def pinv(x: jax.Array) -> jax.Array:
+def pinv(x: jax.Array, rtol: float | jax.Array | None = None) -> jax.Array:
     """Moore–Penrose pseudo-inverse of a square ``x`` (``jnp.linalg.pinv``'s contract and
-    cutoff: singular values at most ``10·r·eps·σ_max`` count as zero; a zero matrix gives zero).
+    cutoff: singular values at most ``rtol·σ_max`` count as zero, by default
+    ``rtol = 10·r·eps``; a zero matrix gives zero).
 
     One-sided (Hestenes) Jacobi SVD in Brent–Luk parallel order (as :func:`eigh`): column pairs
     of ``U = x V`` are rotated until orthogonal, which gives the singular values to high relative
@@ -343,7 +344,8 @@ def pinv(x: jax.Array) -> jax.Array:
         u, v = _sweeps(round_, (u, v), size, size * _eps(x.dtype))
     u, v = u[..., :n, :n], v[..., :n, :n]
     sigma2 = jnp.sum(u * u, axis=-2)
-    cutoff = (10.0 * n * _eps(x.dtype)) ** 2 * jnp.max(sigma2, axis=-1, keepdims=True)
+    rtol = 10.0 * n * _eps(x.dtype) if rtol is None else rtol
+    cutoff = rtol**2 * jnp.max(sigma2, axis=-1, keepdims=True)
     keep = sigma2 > jnp.maximum(cutoff, tiny)
     inv_sigma2 = jnp.where(keep, 1.0 / jnp.where(keep, sigma2, 1.0), 0.0)
     return (v * inv_sigma2[..., None, :]) @ mT(u)

@@ -203,6 +203,16 @@ def _rank_deficient(m, r, rank, batch=()):
     return np.concatenate([base, base[..., : r - rank]], axis=-1)
 
 
+def test_pinv_relative_cutoff_matches_numpy_rcond():
+    u, _ = np.linalg.qr(RNG.normal(size=(5, 5)))
+    v, _ = np.linalg.qr(RNG.normal(size=(5, 5)))
+    x = (u * [3.0, 1.0, 0.3, 0.05, 0.01]) @ v.T
+    for rtol in (None, 0.02, 0.12):
+        expected = np.linalg.pinv(x, rcond=10 * 5 * np.finfo(float).eps if rtol is None else rtol)
+        np.testing.assert_allclose(linalg.pinv(x, rtol), expected, rtol=1e-9, atol=1e-12)
+    assert np.linalg.matrix_rank(np.asarray(linalg.pinv(x, 0.02))) == 3
+
+
 def test_singular_and_zero_inputs_give_finite_minimum_norm_answers():
     a = _rank_deficient(30, 6, 4, (2,))
     # QR: orthonormal Q and x = QR also at rank deficiency and for zero columns / matrices.

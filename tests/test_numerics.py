@@ -135,9 +135,12 @@ def _hard_run(name: str) -> tuple[dict, set]:
 # Strict (a case that starts passing fails the suite until it is removed here), except the
 # singular pairs, whose outcome changes with the CPU's and the compiler's rounding.
 _SINGULAR_PAIR = ("diverges from a and b singular together (rank r − 2 and 1): the absolute "
-                  "δ = 1e-6 lets rounding noise in the singular directions grow by up to 1/δ "
-                  "(a floor of sqrt(eps)·tr/r converges for adams, lracs, solora_adamw; not "
-                  "done), so the outcome depends on the compiled code's rounding: not strict")
+                  "δ = 1e-6 lets rounding noise in the singular directions grow by up to 1/δ, "
+                  "so the outcome depends on the compiled code's rounding: not strict. A "
+                  "damping floor of sqrt(eps)·tr/r fixes all but solora_sgd and "
+                  "solora_adamw_factor in float32, but is not GL(r)-invariant and breaks ~40 "
+                  "float64 transcription and invariance tests; eps^0.75·tr/r keeps those but "
+                  "fixes only scaled_sgd, solora_adamw, adams, sylvester_lift_adam")
 _FACTOR_MOMENT = "solora_adamw(moment='factor') diverges on rank-deficient / rank-1 gradients"
 KNOWN_FAILURES = {
     ("rank_a", "solora_adamw_factor"): _FACTOR_MOMENT,
@@ -147,7 +150,7 @@ KNOWN_FAILURES = {
     ("one_example", "lracs"): ("fails since the damping floor became relative to tr/r (seen at "
                                "merge time, not analysed)"),
     **{("rank_both", name): _SINGULAR_PAIR for name in (
-        "scaled_sgd", "lora_rite", "lora_rite_global_escape_cap", "solora_sgd", "solora_adamw",
+        "scaled_sgd", "solora_sgd", "solora_adamw",
         "solora_adamw_factor", "adams", "adams_low_memory", "lracs", "sylvester_lift_adam")},
 }
 
