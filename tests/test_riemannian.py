@@ -149,6 +149,21 @@ def test_loraplus_equals_two_learning_rates(make):
     chex.assert_trees_all_close(p_ours, p_ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("base", [optax.adamw, lro.scaled_adamw], ids=["optax", "library"])
+def test_loraplus_factory_under_inject_hyperparams(base):
+    """The README's form: the learning rate lives in the injected state and drives both groups."""
+    _, _, _, loss, params = _problem(3)
+    injected = optax.inject_hyperparams(lro.loraplus)(base, 16.0, learning_rate=1e-3)
+    direct = lro.loraplus(base(1e-3), 16.0)
+    s_inj, s_dir, grads = injected.init(params), direct.init(params), jax.grad(loss)(params)
+    u_inj, _ = injected.update(grads, s_inj, params)
+    u_dir, _ = direct.update(grads, s_dir, params)
+    chex.assert_trees_all_close(u_inj, u_dir, rtol=1e-10)
+    s_inj.hyperparams["learning_rate"] = jnp.asarray(2e-3)
+    doubled, _ = injected.update(grads, s_inj, params)
+    chex.assert_trees_all_close(doubled, jax.tree.map(lambda u: 2 * u, u_dir), rtol=1e-6)
+
+
 def test_loraplus_refuses_or_keeps_leaves_outside_pairs():
     params = {"s": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}, "bias": jnp.ones(3)}
     with pytest.raises(ValueError, match=r"leaf at \[.bias.\] \(shape \(3,\)\) is not part of"):
