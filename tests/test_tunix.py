@@ -52,15 +52,28 @@ class Zoo(nnx.Module):
             setattr(self, family, ft.abstract_lora_model(family))
 
 
-def zoo_losses(zoo, tokens):
-    inputs = ft.model_inputs(tokens)
-    return jnp.stack([peft_trainer._default_loss_fn(getattr(zoo, f), **inputs)
+def zoo_losses(zoo, input_tokens, input_mask, positions, attention_mask):
+    """Tunix's default loss of each family, stacked (the arguments are named: PeftTrainer's
+    ``nnx.value_and_grad`` resolves keyword inputs by name)."""
+    return jnp.stack([peft_trainer._default_loss_fn(getattr(zoo, f), input_tokens, input_mask,
+                                                    positions, attention_mask)
                       for f in ft.FAMILIES])
+
+
+def zoo_loss(zoo, input_tokens, input_mask, positions, attention_mask):
+    """The families' losses summed: the loss PeftTrainer trains the Zoo on."""
+    return zoo_losses(zoo, input_tokens, input_mask, positions, attention_mask).sum()
+
+
+def assert_frozen_unchanged(model, frozen) -> None:
+    jax.tree.map(np.testing.assert_array_equal,
+                 nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))), frozen)
 
 
 @nnx.jit
 def losses_and_grads(zoo, tokens):
-    loss_fn = lambda zoo: (lambda l: (l.sum(), l))(zoo_losses(zoo, tokens))  # noqa: E731
+    inputs = ft.model_inputs(tokens)
+    loss_fn = lambda zoo: (lambda l: (l.sum(), l))(zoo_losses(zoo, **inputs))  # noqa: E731
     (_, losses), grads = nnx.value_and_grad(
         loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)(zoo)
     return losses, grads
@@ -109,8 +122,7 @@ def test_every_method_trains_four_tunix_models_through_nnx_optimizer(zoo, method
     before, after = np.asarray(before), np.asarray(after)
     assert np.isfinite(after).all(), dict(zip(ft.FAMILIES, after))
     assert (after < before).all(), dict(zip(ft.FAMILIES, zip(before, after)))
-    jax.tree.map(np.testing.assert_array_equal,           # the base weights are untouched
-                 nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))), frozen)
+    assert_frozen_unchanged(model, frozen)  # the base weights are untouched
 
 
 @nnx.jit
@@ -119,15 +131,10 @@ def model_loss(model, tokens):
 
 
 def training_set_losses(zoo) -> np.ndarray:
-    """Each family's loss summed over the two batches of ``ft.batches``."""
+    """Each family's loss summed over the two batches of ``ft.batches`` (through the already
+    compiled ``losses_and_grads``: a forward-only function would be one more compilation)."""
     data = itertools.islice(ft.batches(), 2)
     return sum(np.asarray(losses_and_grads(zoo, jnp.asarray(x.input_tokens))[0]) for x in data)
-
-
-def zoo_loss_fn(zoo, input_tokens, input_mask, positions, attention_mask):
-    """Tunix's default loss of each family, summed (the loss PeftTrainer trains the Zoo on)."""
-    return sum(peft_trainer._default_loss_fn(getattr(zoo, f), input_tokens, input_mask,
-                                             positions, attention_mask) for f in ft.FAMILIES)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
@@ -141,14 +148,13 @@ def test_every_method_trains_four_tunix_models_through_peft_trainer(zoo, method)
     before = training_set_losses(model)
     tx = method.make(LEARNING_RATE.get(method.name, method.learning_rate))
     trainer = ft.make_trainer(model, tx, steps=4, accumulation=None)
-    trainer.with_loss_fn(zoo_loss_fn)
+    trainer.with_loss_fn(zoo_loss)
     trainer.train(ft.batches())
     after = training_set_losses(model)
     assert trainer._train_steps == 4
     assert np.isfinite(after).all(), dict(zip(ft.FAMILIES, after))
     assert (after < before).all(), dict(zip(ft.FAMILIES, zip(before, after)))
-    jax.tree.map(np.testing.assert_array_equal,
-                 nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))), frozen)
+    assert_frozen_unchanged(model, frozen)
 
 
 @pytest.mark.parametrize(("name", "family"), PEFT_CHECKPOINT_RUNS)
