@@ -14,7 +14,9 @@ fast as the batched LAPACK calls there. No kernel here lowers to a custom call.
 
 Regularisers follow one rule, :func:`damping`: the user's ``δ``, floored relative to the Gram it
 regularises and by an absolute floor, so that a rank-deficient Gram never gives a non-finite
-solve in float32 (docs: "Numerics" in conventions).
+solve in float32. A pivot or eigenvalue below ``SINGULAR_LEVEL·eps·tr(S)/r`` counts as singular
+(raised to that level, or a zero component), so rounding noise in a singular direction is
+damped instead of amplified (docs: "Regularisers and singular systems" in conventions).
 
 Contractions over ``m`` or ``n`` are plain ``einsum``s: when a factor is sharded along that axis
 the contraction becomes a local product followed by a reduction, which XLA inserts.
@@ -43,6 +45,9 @@ __all__ = [
     "solve_spd_right",
     "solve_sylvester_gram_product",
     "solve_sylvester_spd",
+    "square_column_sums",
+    "square_row_sums",
+    "tangent_factors",
     "tangent_from_factor_grads",
 ]
 
@@ -52,6 +57,14 @@ __all__ = [
 #: arithmetic resolves; small enough to cost a well-conditioned solve no more accuracy than the
 #: rounding itself.
 RELATIVE_FLOOR = 4.0
+#: Relative level, in the same units, below which a pivot or eigenvalue of a Gram is treated as
+#: singular: raised to this level by :func:`cholesky`, a zero component in the eigenbasis
+#: solves. 512·eps is 6.1e-5 in float32 (a Gram of condition up to 1.6e4 is left exact) and 1.1e-13
+#: in float64. Rounding noise (~eps) in a singular direction then gets a factor of at most
+#: ~1/512; with the ``4·eps`` floor alone it was divided by a pivot of its own size and
+#: rank-deficient factors diverged after a few steps in ``adams``, ``lracs`` and
+#: ``sylvester_lift``.
+SINGULAR_LEVEL = 512.0
 #: Maximum number of Jacobi sweeps (quadratic convergence: float32 needs ~5–7 for r ≤ 64).
 _MAX_SWEEPS = 20
 
@@ -96,11 +109,12 @@ def _eps(dtype) -> jax.Array:
     return jnp.asarray(jnp.finfo(dtype).eps, dtype)
 
 
-def _floor(s: jax.Array) -> jax.Array:
-    """The Gram-relative and absolute floors of :func:`damping`, shape ``(..., 1, 1)``."""
+def _floor(s: jax.Array, relative: float = RELATIVE_FLOOR) -> jax.Array:
+    """``max(relative·eps·tr(s)/r, eps²)``, shape ``(..., 1, 1)``: by default the Gram-relative
+    and absolute floors of :func:`damping`; with ``SINGULAR_LEVEL``, the singular level."""
     eps = _eps(s.dtype)
     mean = jnp.abs(jnp.trace(s, axis1=-2, axis2=-1))[..., None, None] / s.shape[-1]
-    return jnp.maximum(RELATIVE_FLOOR * eps * mean, eps * eps)
+    return jnp.maximum(relative * eps * mean, eps * eps)
 
 
 def damping(gram: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
@@ -133,12 +147,13 @@ def _put_column(x: jax.Array, j: jax.Array, column: jax.Array) -> jax.Array:
 def _cholesky_and_inverse(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(L, L⁻¹)`` of symmetric ``s = L Lᵀ`` in one loop over the columns: step ``j`` computes
     column ``j`` of ``L`` (left-looking, a batched matvec) and then row ``j`` of ``L⁻¹`` (forward
-    substitution; row ``j`` of ``L`` is complete). Pivots below the :func:`damping` floor of ``s``
-    are raised to it, so a semidefinite or slightly indefinite ``s`` gives finite factors."""
+    substitution; row ``j`` of ``L`` is complete). Pivots below the singular level of ``s``
+    (``SINGULAR_LEVEL·eps·tr(s)/r``) are raised to it, so a semidefinite or slightly indefinite
+    ``s`` gives finite factors and rounding noise in its null space is not amplified."""
     n = s.shape[-1]
     rows = jnp.arange(n)
     eye = jnp.eye(n, dtype=s.dtype)
-    pivot_floor = _floor(s)[..., 0, 0]
+    pivot_floor = _floor(s, SINGULAR_LEVEL)[..., 0, 0]
 
     def step(j, carry):
         factor, inv = carry
@@ -162,8 +177,9 @@ def _cholesky_and_inverse(s: jax.Array) -> tuple[jax.Array, jax.Array]:
 def cholesky(s: jax.Array) -> jax.Array:
     """Lower Cholesky factor ``L`` of symmetric ``s`` (``s = L Lᵀ``), column by column.
 
-    Pivots below the :func:`damping` floor of ``s`` are raised to it, so a semidefinite or
-    slightly indefinite ``s`` (rounding) gives a finite factor; regularise ``s`` first
+    Pivots below ``SINGULAR_LEVEL·eps·tr(s)/r`` (6.1e-5 of the mean eigenvalue in float32; a
+    Gram of condition ≤ 1.6e4 never has one) are raised to it, so a semidefinite or slightly
+    indefinite ``s`` (rounding) gives a finite factor; regularise ``s`` first
     (:func:`regularize`) for a factor of a well-posed system.
     """
     return _cholesky_and_inverse(s)[0]
@@ -172,9 +188,12 @@ def cholesky(s: jax.Array) -> jax.Array:
 def solve_spd(s: jax.Array, rhs: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
     """``(s + δ' I)⁻¹ rhs`` by Cholesky, for symmetric positive (semi)definite ``s``.
 
-    ``δ' = damping(s, δ)`` (:func:`damping`), so a singular ``s`` gives a finite, damped answer
-    (``rhs`` in the null space of ``s`` is scaled by ``1/δ'``; a ``rhs`` in its range, as
-    ``aᵀ G`` against ``aᵀ a``, gives the minimum-norm solution up to ``O(δ')``). ``rhs`` has shape
+    ``δ' = damping(s, δ)`` (:func:`damping`), so a singular ``s`` gives a finite, damped answer:
+    pivots below the singular level (:func:`cholesky`) are raised to it, so ``rhs`` in the null
+    space of ``s`` is scaled by at most ``1/(SINGULAR_LEVEL·eps·tr(s)/r)``, and a ``rhs`` in its
+    range, as ``aᵀ G`` against ``aᵀ a``, gives an exact solution in which each dependent column
+    is resolved against the earlier ones (a basic solution, not always the minimum-norm one).
+    ``rhs`` has shape
     ``(..., r, k)``. The factor's inverse (r×r, forward substitution in the same loop) is
     applied to the wide ``rhs`` as two matrix products.
     """
@@ -416,15 +435,15 @@ def solve_sylvester_spd(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:
 
     Closed form in the eigenbases ``p = U diag(λ) Uᵀ``, ``q = V diag(μ) Vᵀ`` (:func:`eigh`):
     ``X = U [(Uᵀ c V)_ij / (λ_i + μ_j)] Vᵀ``. Unique whenever every ``λ_i + μ_j ≠ 0``. Pairs
-    whose sum is at most the :func:`damping` floor of ``p`` plus that of ``q`` (both matrices
-    singular, e.g. zero factors; there the sum is rounding noise) get a zero component, the
-    minimum-norm solution.
+    whose sum is at most the singular level of ``p`` plus that of ``q``
+    (``SINGULAR_LEVEL·eps·tr/r`` each: both matrices singular, e.g. zero factors, where the sum
+    is rounding noise) get a zero component, the minimum-norm solution.
     """
     lam, u = eigh(p)
     mu, v = eigh(q)
     denom = lam[..., :, None] + mu[..., None, :]
     coeffs = mT(u) @ c @ v
-    live = denom > _floor(p) + _floor(q)
+    live = denom > _floor(p, SINGULAR_LEVEL) + _floor(q, SINGULAR_LEVEL)
     return u @ jnp.where(live, coeffs / jnp.where(live, denom, 1.0), 0.0) @ mT(v)
 
 
@@ -436,11 +455,11 @@ def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array) -> 
     ``S = T diag(λ) T⁻¹`` with ``T = ga^{1/2} U``, ``T⁻¹ = Uᵀ ga^{-1/2}``. In that basis the
     equation is diagonal: ``K = T [(T⁻¹ c T)_ij / (λ_i + λ_j)] T⁻¹``. ``ga`` must be
     positive definite (:func:`regularize` it for rank-deficient factors); its eigenvalues are
-    floored at its :func:`damping` floor, and sums ``λ_i + λ_j`` at most twice ``H``'s floor
+    floored at its singular level, and sums ``λ_i + λ_j`` at most twice ``H``'s singular level
     give zero components, as in :func:`solve_sylvester_spd`.
     """
     w, e = eigh(ga)
-    w = jnp.maximum(w, _floor(ga)[..., 0])
+    w = jnp.maximum(w, _floor(ga, SINGULAR_LEVEL)[..., 0])
     sqrt_ga = (e * jnp.sqrt(w)[..., None, :]) @ mT(e)
     inv_sqrt_ga = (e / jnp.sqrt(w)[..., None, :]) @ mT(e)
     h = sqrt_ga @ gb @ sqrt_ga
@@ -449,7 +468,7 @@ def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array) -> 
     t_inv = mT(u) @ inv_sqrt_ga
     denom = lam[..., :, None] + lam[..., None, :]
     coeffs = t_inv @ c @ t
-    live = denom > 2.0 * _floor(h)
+    live = denom > 2.0 * _floor(h, SINGULAR_LEVEL)
     return t @ jnp.where(live, coeffs / jnp.where(live, denom, 1.0), 0.0) @ t_inv
 
 
@@ -471,6 +490,25 @@ def project_tangent(
     return pa_x + x_pb - pa_x_pb
 
 
+def tangent_factors(
+    a: jax.Array,
+    b: jax.Array,
+    grad_a: jax.Array,
+    grad_b: jax.Array,
+    delta: float | jax.Array = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """``(u, v)`` with ``u @ v = P_T(X)`` for the products ``grad_a = X bᵀ``, ``grad_b = aᵀ X``.
+
+    ``P_T(X) = a C + D b`` with ``C = (aᵀa + δI)⁻¹ grad_b`` and
+    ``D = (grad_a − a C bᵀ)(b bᵀ + δI)⁻¹`` (LoRA-S eq. (12), App. A.8), so
+    ``u = [a, D]: (..., m, 2r)`` and ``v = [C; b]: (..., 2r, n)``: the tangent projection in
+    ``O((m + n) r²)`` without an ``m×n`` array. Two Cholesky solves.
+    """
+    c = solve_spd(gram_a(a), grad_b, delta)
+    d = solve_spd_right(grad_a - a @ (c @ mT(b)), gram_b(b), delta)
+    return jnp.concatenate([a, d], axis=-1), jnp.concatenate([c, b], axis=-2)
+
+
 def tangent_from_factor_grads(
     a: jax.Array,
     b: jax.Array,
@@ -487,10 +525,24 @@ def tangent_from_factor_grads(
 
         P_T(G) = [a (aᵀa)⁻¹ grad_b + grad_a (b bᵀ)⁻¹ b − a (aᵀa)⁻¹ grad_b bᵀ (b bᵀ)⁻¹ b] / scale
 
-    Inverses are ``(· + δI)⁻¹`` Cholesky solves; the result is ``(..., m, n)``.
+    Inverses are ``(· + δI)⁻¹`` Cholesky solves; the result is ``(..., m, n)``, the product of
+    :func:`tangent_factors`.
     """
-    ga_inv_gb = solve_spd(gram_a(a), grad_b, delta)  # (aᵀa)⁻¹ aᵀG·s
-    pa_g = a @ ga_inv_gb
-    g_pb = solve_spd_right(grad_a, gram_b(b), delta) @ b
-    pa_g_pb = a @ solve_spd_right(ga_inv_gb @ mT(b), gram_b(b), delta) @ b
-    return (pa_g + g_pb - pa_g_pb) / scale
+    u, v = tangent_factors(a, b, grad_a, grad_b, delta)
+    return (u @ v) / scale
+
+
+def square_row_sums(u: jax.Array, v: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """``(Y⊙Y) w`` for ``Y = u @ v`` (``u: (..., m, k)``, ``v: (..., k, n)``), without ``Y``.
+
+    Row ``i`` is ``Σ_j w_j (u_i·v_j)² = u_iᵀ (v diag(w) vᵀ) u_i``: ``O((m + n) k²)``. ``w``
+    defaults to ones (the row sums of ``Y⊙Y``).
+    """
+    weighted = v if weights is None else v * weights[..., None, :]
+    return jnp.sum((u @ (weighted @ mT(v))) * u, axis=-1)
+
+
+def square_column_sums(u: jax.Array, v: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """``(Y⊙Y)ᵀ w`` for ``Y = u @ v`` without ``Y`` (see :func:`square_row_sums`)."""
+    weighted = u if weights is None else u * weights[..., :, None]
+    return jnp.sum(v * ((mT(weighted) @ u) @ v), axis=-2)

@@ -44,6 +44,7 @@ equation", Algorithms 1–4, Sections 3–4, Appendix A.8–A.17.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -92,12 +93,18 @@ def horizontal_lift(x: jax.Array, p: LoRAPair, delta: float | jax.Array) -> LoRA
     so that ``u_a b + a u_b = P_T^δ(x)`` exactly. Components of ``x`` off the tangent space are
     ignored (App. A.8), so ``x`` need not be projected first.
     """
+    return _lift_of_products(mT(p.a) @ x, x @ mT(p.b), p, delta)
+
+
+def _lift_of_products(at_x: jax.Array, x_bt: jax.Array, p: LoRAPair,
+                      delta: float | jax.Array) -> LoRAPair:
+    """:func:`horizontal_lift` from the products ``aᵀx`` (r×n) and ``x bᵀ`` (m×r), which are
+    all of ``x`` it uses."""
     a, b = p.a, p.b
     gram_a, gram_b = linalg.gram_a(a), linalg.gram_b(b)
     ga, gb = linalg.regularize(gram_a, delta), linalg.regularize(gram_b, delta)
-    at_x = mT(a) @ x
     k = linalg.solve_sylvester_gram_product(ga, gb, at_x @ mT(b))
-    u_a = linalg.solve_spd_right(x @ mT(b) - a @ (gb @ k), gram_b, delta)
+    u_a = linalg.solve_spd_right(x_bt - a @ (gb @ k), gram_b, delta)
     u_b = linalg.solve_spd(gram_a, at_x - (k @ ga) @ b, delta)
     return LoRAPair(u_a, u_b)
 
@@ -505,15 +512,35 @@ def racs_scales(x: jax.Array, iterations: int | jax.Array = 5) -> tuple[jax.Arra
     Zero norms are replaced by the smallest positive float, so ``x = 0`` gives ``s = q = 0``.
     """
     x2 = x * x
-    tiny = jnp.finfo(x.dtype).tiny
+    return _racs_iteration(lambda s: x2 @ s, lambda q: q @ x2, x.shape, iterations, x.dtype)
+
+
+def _racs_scales_lowrank(u: jax.Array, v: jax.Array,
+                         iterations: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`racs_scales` of ``x = u @ v`` in ``O((m + n) k²)`` per iteration, without ``x``."""
+    return _racs_iteration(lambda s: linalg.square_row_sums(u, v, s),
+                           lambda q: linalg.square_column_sums(u, v, q),
+                           (u.shape[-2], v.shape[-1]), iterations, u.dtype)
+
+
+def _racs_iteration(rows: Callable, columns: Callable, shape: tuple[int, int],
+                    iterations: int | jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Eq. (14)'s alternation given ``rows(s) = (x⊙x) s`` and ``columns(q) = (x⊙x)ᵀ q``."""
+    tiny = jnp.finfo(dtype).tiny
 
     def body(_, sq):
         _, q = sq
-        s = (q @ x2) / jnp.maximum(jnp.sum(q * q), tiny)
-        return s, (x2 @ s) / jnp.maximum(jnp.sum(s * s), tiny)
+        s = columns(q) / jnp.maximum(jnp.sum(q * q), tiny)
+        return s, rows(s) / jnp.maximum(jnp.sum(s * s), tiny)
 
-    init = (jnp.zeros(x.shape[-1], x.dtype), jnp.ones(x.shape[-2], x.dtype))
-    return jax.lax.fori_loop(0, iterations, body, init)
+    m, n = shape
+    return jax.lax.fori_loop(0, iterations, body, (jnp.zeros(n, dtype), jnp.ones(m, dtype)))
+
+
+def _inverse_sqrt_floored(scales: jax.Array, eps: float | jax.Array) -> jax.Array:
+    """``1/√max(scales, eps·max(scales), tiny)``: LRACS's diagonal scaling, guarded."""
+    floor = jnp.maximum(eps * jnp.max(scales), jnp.finfo(scales.dtype).tiny)
+    return jax.lax.rsqrt(jnp.maximum(scales, floor))
 
 
 def scale_by_lracs(
@@ -533,7 +560,7 @@ def scale_by_lracs(
         X = P_T(G)                                        (eq. (12))
         (s, q) = RACS scales of X                         (eq. (14), power iteration from q = 1)
         m_s ← b1 m_s + (1 − b1) s,  m_q ← b1 m_q + (1 − b1) q
-        X̃ = Diag(m_q)^{-1/2} X Diag(m_s)^{-1/2}          (entrywise X / (√m_q √m_sᵀ + eps))
+        X̃ = Diag(m̂_q)^{-1/2} X Diag(m̂_s)^{-1/2}          (m̂ = max(m, eps·max(m)))
         (u_a, u_b) = horizontal_lift(X̃)
         η = γ / max(‖X̃‖_g / φ, γ)   (η = 1 while φ = 0, i.e. on the first step)
         φ ← η ‖X̃‖_g
@@ -543,12 +570,19 @@ def scale_by_lracs(
     its horizontal lift. The norm-growth limiter allows the (metric) update norm to grow by at
     most ``γ`` per step. State beyond the factors: ``m + n + 1`` numbers per pair.
 
+    No ``m×n`` array is formed: ``X = u v`` is kept as its rank-``2r`` factors
+    (:func:`~lowrank_optax.linalg.tangent_factors`), eq. (14)'s products ``(X⊙X) s`` and
+    ``(X⊙X)ᵀ q`` are ``O((m + n) r²)`` (:func:`~lowrank_optax.linalg.square_row_sums`), the
+    diagonal scalings act on ``u`` and ``v``, and the lift needs only ``aᵀX̃`` and ``X̃ bᵀ``.
+
     Decisions where the paper is silent: by default no bias correction of ``m_s``, ``m_q``
     (Algorithm 3 has none; as ``X̃`` scales like ``(m_q m_s)^{-1/2}`` its first step is
     ``1/(1 − b1)`` times larger than a bias-corrected one, and the limiter does not act on the
     first step); ``bias_correction=True`` divides both by ``1 − b1ᵗ``; ``eps`` (not in the
-    paper) guards zero rows/columns; the limiter acts per pair (RACS limits each weight
-    matrix); ``φ = 0`` (first step, or a zero update) means "no limit", not ``η = 0`` forever.
+    paper) floors each scale relative to its largest entry, which guards zero rows/columns and
+    keeps the scaling diagonal (so ``X̃`` stays rank ``2r``); the limiter acts per pair (RACS
+    limits each weight matrix); ``φ = 0`` (first step, or a zero update) means "no limit", not
+    ``η = 0`` forever.
 
     Args:
       b1: decay of the scale moments in ``[0, 1)``, default 0.9 (paper).
@@ -560,7 +594,11 @@ def scale_by_lracs(
         ``b`` grows (2e5 to 0.5 in 40 steps on the issue-12 toy), and at 1.01 the limiter then
         held every one of the last 155 of 200 steps (relative loss 3e-3 where AdamW reaches
         7e-8; 6e-7 at 1.1). See ``docs/methods/lora_s.md``.
-      eps: added to ``√m_q √m_sᵀ`` (``≥ 0``), default 1e-8.
+      eps: relative floor of the scales ``m_q``, ``m_s`` (``≥ 0``), default 1e-8: an entry below
+        ``eps`` times the largest is raised to that, so a zero row of ``X`` is scaled by at most
+        ``1/√(eps·max m_q)``; above the floor the scaling is the paper's. (Before, ``eps`` was
+        added to ``√m_q √m_sᵀ`` entrywise, which is not a diagonal scaling and needed ``X`` as
+        an ``m×n`` array.)
       power_iterations: iterations for eq. (14) (an integer ``≥ 1``), default 5 (paper).
       bias_correction: divide the scale moments by ``1 − b1ᵗ`` (not in the paper); default
         False. Makes the first step ``1 − b1`` times as large as the paper's.
@@ -582,14 +620,15 @@ def scale_by_lracs(
         )
 
     def pair_fn(g, p, mu_s, mu_q, phi, count):
-        x = descent_vector(g, p, delta)
-        s, q = racs_scales(x, power_iterations)
+        u, v = linalg.tangent_factors(p.a, p.b, g.a, g.b, delta)
+        s, q = _racs_scales_lowrank(u, v, power_iterations)
         mu_s, mu_q = _ema(b1, mu_s, s), _ema(b1, mu_q, q)
         scale_s, scale_q = mu_s, mu_q
         if bias_correction:
             scale_s, scale_q = _bias_corrected(mu_s, b1, count), _bias_corrected(mu_q, b1, count)
-        x_tilde = x / (jnp.sqrt(scale_q)[:, None] * jnp.sqrt(scale_s)[None, :] + eps)
-        lift = horizontal_lift(x_tilde, p, delta)
+        u = u * _inverse_sqrt_floored(scale_q, eps)[:, None]
+        v = v * _inverse_sqrt_floored(scale_s, eps)[None, :]
+        lift = _lift_of_products((mT(p.a) @ u) @ v, u @ (v @ mT(p.b)), p, delta)
         norm = _lift_norm(lift, p, delta)
         safe_phi = jnp.where(phi > 0, phi, 1.0)
         eta = jnp.where(phi > 0, gamma / jnp.maximum(norm / safe_phi, gamma), 1.0)

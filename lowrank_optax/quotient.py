@@ -27,6 +27,14 @@ moves (without any NaN). Two remedies, both opt-in:
   Euclidean gradient that escapes the zero start slowly (at rate ``~δ``) and breaks invariance
   by ``O(δ/σ²)``.
 
+Step size: the Grams multiply the gradient, so the step in ``a b`` grows like the factors'
+scale to the fourth power (``‖a‖²`` and ``‖b‖²`` times the curvature). A learning rate that is
+stable at the start can be past the stability limit once the factors have grown: on the
+one-example regression of ``tests/test_numerics.py`` ``lr = 0.1`` fits the example during the
+robust start and then oscillates away (to NaN in float32), ``lr = 0.03`` converges. Manopt
+uses a line search for this reason; here, pick the learning rate at the factors' working scale
+or decay it.
+
 References: B. Mishra, G. Meyer, S. Bonnabel and R. Sepulchre, "Fixed-rank matrix factorizations
 and Riemannian low-rank optimization", Comput. Stat. 29, 2014; LoRA-S App. A.18.6.
 """

@@ -131,21 +131,6 @@ def solora_direction(
     return LoRAPair(delta_a, delta_b)
 
 
-def _tangent_factors(ga, gb, p: LoRAPair, delta) -> tuple[jax.Array, jax.Array]:
-    """``(U, V)`` with ``U V = P_T(G)`` (``U: m×2r``, ``V: 2r×n``) from ``G bᵀ``, ``aᵀG``."""
-    a, b = p.a, p.b
-    c = linalg.solve_spd(linalg.gram_a(a), gb, delta)
-    d = linalg.solve_spd_right(ga - a @ (c @ b.T), linalg.gram_b(b), delta)
-    return jnp.concatenate([a, d], axis=1), jnp.concatenate([c, b], axis=0)
-
-
-def _lowrank_square_sums(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``rowsum(Y⊙Y)``, ``colsum(Y⊙Y)`` of ``Y = U V`` without forming ``Y``."""
-    row = jnp.sum((u @ (v @ v.T)) * u, axis=1)
-    col = jnp.sum(v * ((u.T @ u) @ v), axis=0)
-    return row, col
-
-
 def _pair_init(p: LoRAPair, momentum: bool, moment: str) -> SoLoRAPairState:
     (m, _), (_, n) = p.a.shape, p.b.shape
     dtype = p.a.dtype
@@ -236,9 +221,9 @@ def scale_by_solora(
 
     def pair_update(g: LoRAPair, p: LoRAPair, s: SoLoRAPairState, count: jax.Array):
         ga, gb = g.a / scale, g.b / scale
-        u, v = _tangent_factors(ga, gb, p, delta)
+        u, v = linalg.tangent_factors(p.a, p.b, ga, gb, delta)
         if g.stats is None:
-            row_stat, col_stat = _lowrank_square_sums(u, v)
+            row_stat, col_stat = linalg.square_row_sums(u, v), linalg.square_column_sums(u, v)
             full_g = None
         else:
             row_stat, col_stat, full_g = probe_fields(g.stats)

@@ -83,6 +83,18 @@ def test_tangent_projection_and_its_recovery_from_factor_gradients():
     np.testing.assert_allclose(np.sum(normal * expected), 0.0, atol=1e-10)
 
 
+def test_weighted_square_sums_of_a_low_rank_product_match_the_dense_ones():
+    u, v = RNG.normal(size=(2, 30, 5)), RNG.normal(size=(2, 5, 20))
+    w_rows, w_cols = RNG.uniform(size=(2, 20)), RNG.uniform(size=(2, 30))
+    y2 = (u @ v) ** 2
+    np.testing.assert_allclose(linalg.square_row_sums(u, v, w_rows),
+                               np.einsum("...ij,...j->...i", y2, w_rows), rtol=1e-12)
+    np.testing.assert_allclose(linalg.square_column_sums(u, v, w_cols),
+                               np.einsum("...ij,...i->...j", y2, w_cols), rtol=1e-12)
+    np.testing.assert_allclose(linalg.square_row_sums(u, v), y2.sum(-1), rtol=1e-12)
+    np.testing.assert_allclose(linalg.square_column_sums(u, v), y2.sum(-2), rtol=1e-12)
+
+
 def test_tangent_recovery_with_zero_b_is_the_column_space_projection():
     a, g = RNG.normal(size=(6, 2)), RNG.normal(size=(6, 5))
     b = np.zeros((2, 5))
@@ -248,6 +260,31 @@ def test_singular_and_zero_inputs_give_finite_minimum_norm_answers():
     assert np.all(np.isfinite(_f32(linalg.solve_sylvester_spd)(ga, ga, c)))
     assert np.all(np.isfinite(_f32(lambda g, c: linalg.solve_sylvester_gram_product(
         linalg.regularize(g, 1e-8), linalg.regularize(g, 1e-8), c))(ga, c)))
+
+
+def test_solves_against_a_rank_deficient_float32_gram():
+    # aᵀa of a float32 factor with duplicated columns (rank r − 2) and aᵀy computed in float32,
+    # whose rounding puts ~eps of the right-hand side into the null space. The Cholesky solve
+    # raises the dependent columns' pivots to the singular level: it must reproduce the
+    # right-hand side, with an answer at most twice as long as the minimum-norm one (it is a
+    # basic solution, each dependent column resolved against the earlier ones: 1.06–1.2× here).
+    a = RNG.normal(size=(3, 40, 6)).astype(np.float32)
+    a[..., 4], a[..., 5] = a[..., 0], a[..., 1]
+    y = RNG.normal(size=(3, 40, 5)).astype(np.float32)
+    gram, rhs = np.swapaxes(a, -1, -2) @ a, np.swapaxes(a, -1, -2) @ y
+    gram64 = gram.astype(np.float64)
+    shortest = np.linalg.pinv(gram64) @ rhs
+
+    def check(x):
+        np.testing.assert_allclose(gram64 @ x, rhs, atol=1e-3 * np.abs(rhs).max())
+        assert np.linalg.norm(x) <= 2 * np.linalg.norm(shortest), (
+            np.linalg.norm(x) / np.linalg.norm(shortest))
+
+    check(_f32(lambda g, b: linalg.solve_spd(g, b, 1e-8))(gram, rhs))
+    # The eigenbasis Sylvester solve (LoRA-Pro's X-equation with b = 0): the minimum norm itself.
+    c = rhs @ np.swapaxes(rhs, -1, -2)
+    x = _f32(lambda g, c: linalg.solve_sylvester_spd(g, 0 * g, c))(gram, c)
+    np.testing.assert_allclose(x, np.linalg.pinv(gram64) @ c, atol=1e-3 * np.abs(x).max())
 
 
 def test_damping_rule():
