@@ -62,6 +62,7 @@ from lowrank_optax.pairs import (
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = [
+    "FactorMoments",
     "SoLoRAPairState",
     "SoLoRAState",
     "metric_sqrt",
@@ -69,6 +70,7 @@ __all__ = [
     "solora_adamw",
     "solora_direction",
     "solora_sgd",
+    "transport",
 ]
 
 _MOMENTS = ("full", "factor")
@@ -78,7 +80,7 @@ class SoLoRAPairState(NamedTuple):
     """Per-pair state: EMAs of ``rowsum(G⊙G)`` (m,), ``colsum(G⊙G)`` (n,) and the momentum.
 
     ``mu`` is ``None`` (Algorithm 1), an ``m×n`` moment of ``G`` (``moment="full"``) or a
-    :class:`LoRAPair` of moments of ``(G bᵀ, aᵀG)`` (``moment="factor"``).
+    :class:`FactorMoments` (``moment="factor"``).
     """
 
     row: jax.Array
@@ -91,6 +93,34 @@ class SoLoRAState(NamedTuple):
 
     count: jax.Array
     pairs: Any
+
+
+class FactorMoments(NamedTuple):
+    """``moment="factor"``: moments ``ga ≈ M bᵀ`` (m×r), ``gb ≈ aᵀM`` (r×n) of ``M``, the
+    moment of ``G``, and the factors ``(a, b)`` they were taken at, for :func:`transport`."""
+
+    ga: jax.Array
+    gb: jax.Array
+    a: jax.Array
+    b: jax.Array
+
+
+def transport(moments: FactorMoments, p: LoRAPair, delta: float | jax.Array) -> tuple[
+        jax.Array, jax.Array]:
+    """The factor moments re-expressed at the current factors ``p``.
+
+    ``ga = M b₀ᵀ`` determines the part of ``M`` in the row space of ``b₀`` (the factor it was
+    taken at), ``M P_{b₀} = ga (b₀ b₀ᵀ)⁻¹ b₀``, and ``gb = a₀ᵀM`` the part in the column space
+    of ``a₀``; at the current ``(a, b)`` these give
+
+        ga ← ga (b₀ b₀ᵀ + δI)⁻¹ b₀ bᵀ,     gb ← aᵀ a₀ (a₀ᵀa₀ + δI)⁻¹ gb
+
+    (AltLoRA's moment transport, Theorem 2, applied to SoLoRA's factor moments). Exact when the
+    factors have not moved, GL(r)-equivariant, and zero from zero factors.
+    """
+    to_b = linalg.solve_spd(linalg.gram_b(moments.b), moments.b @ p.b.T, delta)
+    to_a = linalg.solve_spd_right(p.a.T @ moments.a, linalg.gram_a(moments.a), delta)
+    return moments.ga @ to_b, to_a @ moments.gb
 
 
 def metric_sqrt(ema: jax.Array, eps: float | jax.Array) -> jax.Array:
@@ -138,7 +168,8 @@ def _pair_init(p: LoRAPair, momentum: bool, moment: str) -> SoLoRAPairState:
     if momentum and moment == "full":
         mu = jnp.zeros((m, n), dtype)
     elif momentum:
-        mu = LoRAPair(jnp.zeros_like(p.a), jnp.zeros_like(p.b))
+        mu = FactorMoments(jnp.zeros_like(p.a), jnp.zeros_like(p.b), jnp.zeros_like(p.a),
+                           jnp.zeros_like(p.b))
     return SoLoRAPairState(jnp.zeros((m,), dtype), jnp.zeros((n,), dtype), mu)
 
 
@@ -175,9 +206,15 @@ def scale_by_solora(
       exactly. Without the ``"grad"`` entry it is a moment of ``P_T(G)``, which agrees with the
       paper's at the current step (``P_T(G) bᵀ = G bᵀ``, ``aᵀ P_T(G) = aᵀG``) but not for past
       gradients whose energy lay outside the current tangent space.
-    * ``moment="factor"`` keeps moments of ``G bᵀ`` and ``aᵀG`` (``O((m+n) r)`` memory). They
-      equal the paper's ``M bᵀ``, ``aᵀM`` when the factors do not move within the averaging
-      window, i.e. to first order in the learning rate.
+    * ``moment="factor"`` keeps moments of ``G bᵀ`` and ``aᵀG`` and the factors they were
+      taken at (``2(m+n) r`` memory). Before each EMA step the moments are re-expressed at the
+      current factors (:func:`transport`). They equal the paper's ``M bᵀ``, ``aᵀM`` when the
+      factors do not move within the averaging window, i.e. to first order in the learning
+      rate. Without the transport (the moments of earlier steps used as they are, in earlier
+      factors' bases) the current ``Ka⁻¹``, ``Kb⁻¹`` amplified the mismatch: from rank-deficient
+      factors or a rank-1 gradient the loss diverged (e.g. 11.6 → 1e6 from ``b`` of rank 1, in
+      ``tests/test_numerics.py``), where ``moment="full"`` converges; with it all four hard
+      starts converge.
 
     Zero-initialised ``b``: ``Kb = b Q bᵀ`` vanishes, and ``δI`` keeps ``Kb + δI`` invertible.
     Every term that multiplies ``Kb⁻¹`` carries a factor ``b`` (``G bᵀ`` and ``b`` itself), so
@@ -204,8 +241,8 @@ def scale_by_solora(
         library's scaled GD.
       scale: the LoRA scale (``alpha / r > 0``) so that the induced update of ``scale·a b`` is
         independent of it. Default 1.0 (the paper's convention).
-      moment: ``"full"`` (paper, ``m×n``) or ``"factor"`` (``O((m+n) r)``); only used with
-        ``b1``.
+      moment: ``"full"`` (paper, ``m×n``) or ``"factor"`` (``2(m+n) r``, transported); only
+        used with ``b1``.
       keys: mapping keys of the factors in the tree.
 
     Returns:
@@ -238,8 +275,9 @@ def scale_by_solora(
             mu = b1 * s.mu + (1 - b1) * g_full
             mu_a, mu_b = mu @ p.b.T, p.a.T @ mu
         else:
-            mu = LoRAPair(b1 * s.mu.a + (1 - b1) * ga, b1 * s.mu.b + (1 - b1) * gb)
-            mu_a, mu_b = mu.a, mu.b
+            old_a, old_b = transport(s.mu, p, delta)
+            mu = FactorMoments(b1 * old_a + (1 - b1) * ga, b1 * old_b + (1 - b1) * gb, p.a, p.b)
+            mu_a, mu_b = mu.ga, mu.gb
         t = count.astype(row.dtype)
         bias = jnp.sqrt(1 - b2**t) / (1 - b1**t)
         d = solora_direction(mu_a, mu_b, p, row_sqrt, col_sqrt, delta)

@@ -143,11 +143,6 @@ _STEP_PAST_NEAR_SINGULAR_GRAM = (
     "outcome then depends on the compiled code's rounding (scaled_sgd ends at 2.7 at XLA's "
     "default optimisation level, 241 at the suite's O0; solora_sgd the other way round): "
     "not strict")
-_FACTOR_MOMENT = ("solora_adamw(moment='factor') diverges on rank-deficient / rank-1 gradients: "
-                  "its moments of G bᵀ, aᵀG were taken in earlier factors' bases and K⁻¹ of "
-                  "the current ones amplifies the mismatch (δ = 1e-3 still diverges, δ = 0.1 "
-                  "converges on all four starts); the fix is a transported moment (AltLoRA's "
-                  "Theorem 2), not done")
 _QUOTIENT_STEP_SIZE = (
     "quotient GD multiplies each gradient by its factor's Gram, so its step grows as the "
     "factors do: the 10 robust (plain GD) steps fit the example (loss 2e-12 at step 10), then "
@@ -155,8 +150,6 @@ _QUOTIENT_STEP_SIZE = (
     "oscillate away (float64: back to 12.0 by step 20; float32: NaN by step ~60). lr = 0.03 "
     "converges to 7e-15: the method at the registry lr, not rounding")
 KNOWN_FAILURES = {
-    **{(start, "solora_adamw_factor"): _FACTOR_MOMENT
-       for start in ("rank_a", "rank_b", "rank_both", "one_example")},
     ("one_example", "quotient_sgd"): _QUOTIENT_STEP_SIZE,
     ("rank_both", "scaled_sgd"): _STEP_PAST_NEAR_SINGULAR_GRAM,
     ("rank_both", "solora_sgd"): _STEP_PAST_NEAR_SINGULAR_GRAM,

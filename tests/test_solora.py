@@ -115,6 +115,7 @@ def _paper_run(data, steps, lr, *, beta, eps=0.0, delta=0.0, beta3=None, weight_
     l_vec, r_vec = np.zeros(N), np.zeros(M)
     m_full = np.zeros((N, M))
     m_b, m_a = np.zeros((N, R)), np.zeros((R, M))
+    bp_prev, ap_prev = np.zeros_like(bp), np.zeros_like(ap)
     for t in range(1, steps + 1):
         w = data["w0"] + (bp @ ap).T
         g = _explicit_g(w, data["xs"][t - 1], data["ys"][t - 1]).T  # paper orientation, N×M
@@ -127,8 +128,13 @@ def _paper_run(data, steps, lr, *, beta, eps=0.0, delta=0.0, beta3=None, weight_
             bp, ap = bp - lr * d_b, ap - lr * d_a
             continue
         if factor_moment:
+            # The moments were taken at the previous factors: keep their parts in the previous
+            # column space of B / row space of A and re-express them at the current factors.
+            m_b = m_b @ np.linalg.pinv(ap_prev @ ap_prev.T) @ ap_prev @ ap.T
+            m_a = bp.T @ bp_prev @ np.linalg.pinv(bp_prev.T @ bp_prev) @ m_a
             m_b = beta3 * m_b + (1 - beta3) * g @ ap.T
             m_a = beta3 * m_a + (1 - beta3) * bp.T @ g
+            bp_prev, ap_prev = bp, ap
             d_b, d_a = _paper_delta(bp, ap, m_b, m_a, lmat, rmat, delta)
         else:
             m_full = beta3 * m_full + (1 - beta3) * g
