@@ -115,8 +115,9 @@ def transport(moments: FactorMoments, p: LoRAPair, delta: float | jax.Array) -> 
 
         ga ← ga (b₀ b₀ᵀ + δI)⁻¹ b₀ bᵀ,     gb ← aᵀ a₀ (a₀ᵀa₀ + δI)⁻¹ gb
 
-    (AltLoRA's moment transport, Theorem 2, applied to SoLoRA's factor moments). Exact when the
-    factors have not moved, GL(r)-equivariant, and zero from zero factors.
+    (the idea of AltLoRA's Theorem 2, moving a moment to the current factors, applied to the
+    unpreconditioned factor moments with the Grams of the factors they were taken at). Exact
+    when the factors have not moved, GL(r)-equivariant, and zero from zero factors.
     """
     to_b = linalg.solve_spd(linalg.gram_b(moments.b), moments.b @ p.b.T, delta)
     to_a = linalg.solve_spd_right(p.a.T @ moments.a, linalg.gram_a(moments.a), delta)

@@ -15,7 +15,14 @@ from invariance import gl_matrices, invariance_residual
 
 from lowrank_optax import LoRAPair
 from lowrank_optax.grad_stats import lora_matmul_with_stats, stats_probe
-from lowrank_optax.solora import metric_sqrt, solora_adamw, solora_direction, solora_sgd
+from lowrank_optax.solora import (
+    FactorMoments,
+    metric_sqrt,
+    solora_adamw,
+    solora_direction,
+    solora_sgd,
+    transport,
+)
 
 M, N, R = 7, 6, 2
 
@@ -177,6 +184,22 @@ def test_algorithm2_factor_moment_matches_its_transcription(x64):
     got = _run_implementation(tx, data, 5)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-9, atol=1e-11)
+
+
+def test_transport_keeps_moments_at_unmoved_factors_and_moves_them_with_gl_r(x64):
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(M, R)), rng.normal(size=(R, N))
+    ga, gb = rng.normal(size=(M, R)), rng.normal(size=(R, N))
+    here = LoRAPair(jnp.asarray(a), jnp.asarray(b))
+    kept = transport(FactorMoments(ga, gb, a, b), here, 0.0)
+    np.testing.assert_allclose(kept[0], ga, rtol=1e-9)
+    np.testing.assert_allclose(kept[1], gb, rtol=1e-9)
+    # Moments of M = ga-part at (a, b), read at (a R, R⁻¹ b): M bᵀ R⁻ᵀ and Rᵀ aᵀ M.
+    rot = rng.normal(size=(R, R)) + 3 * np.eye(R)
+    there = LoRAPair(jnp.asarray(a @ rot), jnp.asarray(np.linalg.solve(rot, b)))
+    moved = transport(FactorMoments(ga, gb, a, b), there, 0.0)
+    np.testing.assert_allclose(moved[0], ga @ np.linalg.inv(rot).T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(moved[1], rot.T @ gb, rtol=1e-8, atol=1e-10)
 
 
 def test_factor_moment_agrees_with_full_moment_to_first_order(x64):
