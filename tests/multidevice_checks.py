@@ -4,7 +4,7 @@ Run by ``test_multidevice.py`` in a subprocess, because the device count is fixe
 imported::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_checks.py \
-        --out results.json [--methods NAME ...]
+        --out results.json [--methods NAME ...] [--checks CHECK ...] [--extra JSON]
 
 For each method it runs a few training steps of a small LoRA problem whose four pairs are
 sharded along ``m``, along ``n``, along both, and along a stacked-layer axis, and compares
@@ -305,8 +305,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method")
     parser.add_argument("--checks", nargs="*", default=list(CHECKS), choices=list(CHECKS))
-    parser.add_argument("--core", nargs="*", default=None,
-                        help="methods that get every check (default: all of them)")
+    parser.add_argument("--extra", default="{}",
+                        help="JSON {method: [check, ...]}: checks run beside --checks")
     parser.add_argument("--canaries", action="store_true", help="also run the canaries")
     args = parser.parse_args()
     assert jax.device_count() == DEVICES, jax.devices()
@@ -318,8 +318,10 @@ def main() -> None:
     for method in chosen:
         if method.name in report:
             continue
-        every = args.core is None or method.name in args.core or method in CANARIES
-        report[method.name] = check_method(method, list(CHECKS) if every else args.checks)
+        extra = json.loads(args.extra).get(method.name, [])
+        checks = list(CHECKS) if method in CANARIES else [
+            c for c in CHECKS if c in args.checks or c in extra]
+        report[method.name] = check_method(method, checks)
         partial = out.with_suffix(".partial")
         partial.write_text(json.dumps(report, indent=1))
         partial.replace(out)
