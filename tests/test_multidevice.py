@@ -35,8 +35,6 @@ EXTRA_CHECKS = {"scaled_adamw": ("eager_explicit", "shard_map"),
                 "adams": ("eager_auto", "eager_explicit", "shard_map"),
                 "lracs": ("eager_explicit", "shard_map")}
 WORKERS = 2
-XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
-             "--xla_backend_optimization_level=0")  # compiling dominates the runtime
 # The 8 simulated CPU devices run on one pool of 8 threads. Eager steps keep several sharded
 # programs in flight; on an overloaded machine a device's thread can wait for a program that
 # no free thread picks up, and XLA aborts the worker after 40 s in a collective ("Expected 8
@@ -67,7 +65,9 @@ def _run_worker(args: list[str], env: dict) -> None:
 def report(tmp_path_factory) -> dict:
     """Runs the checks in ``WORKERS`` subprocesses (methods dealt round-robin) plus canaries."""
     out = tmp_path_factory.mktemp("multidevice")
-    env = {**os.environ, "XLA_FLAGS": " ".join(XLA_FLAGS), "JAX_PLATFORMS": "cpu"}
+    # the suite's XLA flags (conftest: compiling dominates the runtime) and 8 CPU devices
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"}
     names = [m.name for m in METHODS]
     commands = [[sys.executable, str(HERE / "multidevice_checks.py"),
                  "--out", str(out / f"{k}.json"), "--methods", *names[k::WORKERS],
