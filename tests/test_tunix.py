@@ -38,14 +38,14 @@ _spec.loader.exec_module(ft)
 STEPS = 5
 # learning rates for these models (the registry's are tuned for the matrix-factorisation battery)
 LEARNING_RATE = {"scaled_sgd": 0.3, "lora_pro_sgd": 0.3, "solora_sgd": 0.3, "quotient_sgd": 0.3}
-# Checkpoint round trips: three methods with different state structures (optax chain;
-# NamedTuple with None entries; four per-pair trees and global norms), on three families.
-# Every method through PeftTrainer on one family, the families taken in turn (the layouts are
-# covered per method by the nnx.Optimizer test above: PeftTrainer's own optimizer is an
+# Every method through PeftTrainer on one family, the families taken in turn (every method
+# meets all four layouts in the nnx.Optimizer test, and PeftTrainer's own optimizer is an
 # nnx.Optimizer over the LoRA params).
 PEFT_RUNS = [pytest.param(method, ft.FAMILIES[k % len(ft.FAMILIES)],
                           id=f"{method.name}-{ft.FAMILIES[k % len(ft.FAMILIES)]}")
              for k, method in enumerate(METHODS)]
+# Checkpoint round trips: three methods with different state structures (optax chain;
+# NamedTuple with None entries; four per-pair trees and global norms), on three families.
 PEFT_CHECKPOINT_RUNS = [("loraplus_adamw", "gemma_qkv"), ("adams", "qwen3"),
                         ("lora_rite_global_escape_cap", "gemma")]
 
