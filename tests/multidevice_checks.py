@@ -315,10 +315,11 @@ def main() -> None:
     out = pathlib.Path(args.out)
     # Resumable: a rerun after an XLA abort (see ``test_multidevice.py``) skips finished methods.
     report = json.loads(out.read_text()) if out.exists() else {}
+    extra_checks = json.loads(args.extra)
     for method in chosen:
         if method.name in report:
             continue
-        extra = json.loads(args.extra).get(method.name, [])
+        extra = extra_checks.get(method.name, [])
         checks = list(CHECKS) if method in CANARIES else [
             c for c in CHECKS if c in args.checks or c in extra]
         report[method.name] = check_method(method, checks)
