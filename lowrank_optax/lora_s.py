@@ -405,21 +405,29 @@ def scale_by_adams(
         in_robust_phase = state.count < robust_steps
         adams_count = count - robust_steps
 
-        def robust_pair_fn(g, p, mu, nu, moments):
-            g = LoRAPair(g.a, g.b)
+        def robust_phase():
+            new_updates, moments = map_pairs(
+                lambda g, p, m: robust_step(LoRAPair(g.a, g.b), m, count),
+                updates, params, state.robust, keys=keys,
+            )
+            return new_updates, state.mu, state.nu, moments
 
-            def robust_branch(_):
-                direction, new_moments = robust_step(g, moments, count)
-                return direction, mu, nu, new_moments
+        def adams_phase():
+            new_updates, mu, nu = map_pairs(
+                lambda g, p, mu, nu: adams_step(g, p, mu, nu, adams_count),
+                updates, params, state.mu, state.nu, keys=keys,
+            )
+            return new_updates, mu, nu, state.robust
 
-            def adams_branch(_):
-                return (*adams_step(g, p, mu, nu, adams_count), moments)
-
-            return jax.lax.cond(in_robust_phase, robust_branch, adams_branch, None)
-
-        new_updates, mu, nu, robust_moments = map_pairs(
-            robust_pair_fn, updates, params, state.mu, state.nu, state.robust, keys=keys
-        )
+        # One conditional around the tree (as in AltLoRA): each phase stacks only what it reads,
+        # so the robust phase never touches the m×n moments. A concrete phase (eager calls)
+        # takes a Python branch; an eager ``cond`` would compile its branches on every call.
+        if isinstance(in_robust_phase, jax.core.Tracer):
+            new_updates, mu, nu, robust_moments = jax.lax.cond(in_robust_phase, robust_phase,
+                                                               adams_phase)
+        else:
+            new_updates, mu, nu, robust_moments = (robust_phase if in_robust_phase
+                                                   else adams_phase)()
         return new_updates, ScaleByAdamSState(count, mu, nu, robust_moments)
 
     return with_state_check("scale_by_adams",
