@@ -193,9 +193,12 @@ def solve_spd(s: jax.Array, rhs: jax.Array, delta: float | jax.Array = 0.0) -> j
     space of ``s`` is scaled by at most ``1/(SINGULAR_LEVEL·eps·tr(s)/r)``, and a ``rhs`` in its
     range, as ``aᵀ G`` against ``aᵀ a``, gives an exact solution in which each dependent column
     is resolved against the earlier ones (a basic solution, not always the minimum-norm one).
-    ``rhs`` has shape
-    ``(..., r, k)``. The factor's inverse (r×r, forward substitution in the same loop) is
-    applied to the wide ``rhs`` as two matrix products.
+    ``rhs`` has shape ``(..., r, k)``. The factor's inverse (r×r, forward substitution in the
+    same loop) is applied to the wide ``rhs`` as two matrix products. One product with the
+    explicit ``L⁻ᵀL⁻¹`` would halve that work (``scaled_sgd`` 2.7× → 2.0× ``optax.adamw`` at 24
+    layers, r = 16, on CPU), but against a rank-deficient Gram its ``1/(singular level)``
+    entries cancel only to rounding, and ``s x`` no longer reproduces a ``rhs`` in the range
+    (``tests/test_linalg.py`` fails).
     """
     inv = _cholesky_and_inverse(regularize(s, delta))[1]
     return mT(inv) @ (inv @ rhs)
