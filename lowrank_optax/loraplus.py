@@ -23,7 +23,13 @@ from typing import Any, Literal
 import jax
 import optax
 
-from lowrank_optax.pairs import DEFAULT_KEYS, PairKeys, PairTree, keep_update_dtypes
+from lowrank_optax.pairs import (
+    DEFAULT_KEYS,
+    STRAY_LEAF,
+    PairKeys,
+    PairTree,
+    keep_update_dtypes,
+)
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = ["loraplus", "scale_b_factor"]
@@ -48,17 +54,21 @@ def scale_b_factor(
     check_hyperparams("scale_b_factor", ratio=ratio)
     check_choice("scale_b_factor", "non_pair", non_pair, _NON_PAIR)
 
+    def pair_structure(tree: Any, what: str) -> PairTree:
+        try:
+            return PairTree(tree, keys, what, strays=non_pair)
+        except ValueError as err:
+            hint = ("\nPass non_pair='keep' to train leaves outside pairs at the base learning "
+                    "rate." if STRAY_LEAF in str(err) else "")
+            raise ValueError(f"loraplus: {err}{hint}") from None
+
     def init_fn(params: optax.Params) -> optax.EmptyState:
-        del params
+        pair_structure(params, "params")  # the errors at construction, as every method's
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
         del params
-        try:
-            structure = PairTree(updates, keys, "updates", strays=non_pair)
-        except ValueError as err:
-            raise ValueError(f"loraplus: {err}\nPass non_pair='keep' to train leaves outside "
-                             "pairs at the base learning rate.") from None
+        structure = pair_structure(updates, "updates")
         scaled = [None if p is None else p._replace(b=p.b * ratio) for p in structure.pairs]
         return structure.rebuild(updates, scaled), state
 

@@ -333,6 +333,10 @@ class _Site:
     path: str
 
 
+#: The words of :class:`PairTree`'s error for a leaf outside every pair.
+STRAY_LEAF = "is not part of a LoRA pair"
+
+
 def _factor_entries(node: Any, keys: PairKeys, prefix: str | None) -> tuple[Any, Any, Any]:
     if prefix is None:
         return node.a, node.b, node.stats
@@ -406,8 +410,8 @@ class PairTree:
             skeleton.append(next(iter(slots.values())) if len(slots) == 1 else slots)
         if stray and strays == "error":
             problems[:0] = [
-                f"{what} leaf at {_path_str(p)} (shape {_shape(_single_leaf(x))}) is not part "
-                "of a LoRA pair" for p, x in stray]
+                f"{what} leaf at {_path_str(p)} (shape {_shape(_single_leaf(x))}) {STRAY_LEAF}"
+                for p, x in stray]
             hint = (" Route such leaves to another transformation with optax.partition or "
                     "optax.multi_transform." + _nnx_hint([p for p, _ in stray]))
             problems.append(hint.strip())
@@ -544,8 +548,16 @@ class PairTree:
                 table[prefix + keys.stats] = stats
         children, treedef = jax.tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x: x is not node)
-        return jax.tree.unflatten(
-            treedef, [table.get(path[0].key, child) for path, child in children])
+        return jax.tree.unflatten(treedef, [
+            _restructured(table[path[0].key], child) if path[0].key in table else child
+            for path, child in children])
+
+
+def _restructured(value: Any, like: Any) -> Any:
+    """``value``'s leaves in ``like``'s containers. A mapping node read by key can come back in
+    another container type than the one the tree holds (``nnx.State`` wraps a nested ``dict`` it
+    returns), and the output must keep the tree's own structure."""
+    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(value))
 
 
 def _single_leaf(x: Any) -> Any:

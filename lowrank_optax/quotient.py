@@ -22,7 +22,11 @@ Zero-initialised ``b``: ``∇a = G bᵀ = 0`` and ``ξ_b = (b bᵀ) ∇b = 0``, 
 moves (without any NaN). Two remedies, both opt-in:
 
 * ``robust_steps`` (LoRA-S App. A.16's robust start): the first ``robust_steps`` steps use the
-  raw Euclidean gradient (plain GD), which moves ``b`` off zero; then quotient GD.
+  raw Euclidean gradient (plain GD), which moves ``b`` off zero; then quotient GD. Under a
+  warm-up schedule let them run past the warm-up: steps taken at a near-zero rate leave ``b``
+  near zero, and quotient GD multiplies by its Gram (the toy of ``tests/test_numerics.py``,
+  300 steps, 50 of warm-up to 0.01: relative loss 0.9986 with ``robust_steps=5``, 0.12 with
+  50, 5.9e-10 with 60).
 * ``delta``: ``ξ_a = ∇a (aᵀa + δI)``, ``ξ_b = (b bᵀ + δI) ∇b`` — a leak of ``δ`` times the
   Euclidean gradient that escapes the zero start slowly (at rate ``~δ``) and breaks invariance
   by ``O(δ/σ²)``.
@@ -98,7 +102,7 @@ def scale_by_quotient(
       delta: ``δ ≥ 0`` added to both Grams; default 0 (the method as published, exactly
         invariant). See the module docstring for its use at zero init.
       robust_steps: initial plain-gradient steps (an integer ``≥ 0``) that move a
-        zero-initialised ``b``; default 0.
+        zero-initialised ``b``; default 0. Under a warm-up, more than the warm-up's steps.
         Works when traced (``optax.inject_hyperparams``): the switch is a ``jnp.where``.
       keys: mapping keys of the factors in the tree.
     """

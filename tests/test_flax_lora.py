@@ -312,6 +312,22 @@ def test_nnx_optimizer_trains_only_lora_params(optimizer):
             np.testing.assert_array_equal(leaf, 0.0)
 
 
+@pytest.mark.parametrize("optimizer", ["scaled_adamw", "solora_sgd"])
+def test_nnx_optimizer_on_a_layer_with_grad_stats_as_the_whole_model(optimizer):
+    # The layer is the model: its pair node is the top-level nnx.State, which returns its nested
+    # lora_stats dict as another State when read by key; the updates must still have the
+    # params' structure (optax.apply_updates inside nnx.Optimizer.update compares them).
+    model = LoRALinear(_linear(), R, alpha=2.0, grad_stats=True, rngs=nnx.Rngs(1))
+    x = _inputs((16, IN))
+    y = jnp.sin(_inputs((16, OUT), seed=3))
+    tx = (lowrank_optax.solora_sgd(1e-2, scale=model.scale) if optimizer == "solora_sgd"
+          else lowrank_optax.scaled_adamw(0.1))
+    losses = _train(model, tx, x, y)
+    assert losses[-1] < 0.8 * losses[0], losses
+    for leaf in jax.tree.leaves(nnx.state(model.lora_stats)):
+        np.testing.assert_array_equal(leaf, 0.0)
+
+
 def test_dropout_on_lora_branch_only():
     base = _linear()
     layer = LoRALinear(base, R, alpha=2.0, dropout=0.5, rngs=nnx.Rngs(0, dropout=1))

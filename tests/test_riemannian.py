@@ -3,6 +3,8 @@ their first-order geometry, GL(r) invariance, and LoRA+."""
 
 from __future__ import annotations
 
+import re
+
 import chex
 import hypothesis.strategies as st
 import jax
@@ -176,3 +178,24 @@ def test_loraplus_refuses_or_keeps_leaves_outside_pairs():
     np.testing.assert_allclose(updates["s"]["lora_a"], -np.ones((4, 2)))
     with pytest.raises(TypeError, match="factory"):
         lro.loraplus(optax.sgd(1.0), 4.0, learning_rate=1.0)
+
+
+def test_loraplus_checks_the_pairs_at_init():
+    """Bad factors are refused by ``init`` (``nnx.Optimizer`` construction), as by every pair
+    method, not at the first step; the ``non_pair='keep'`` hint only where it would help."""
+    tx = lro.loraplus(optax.adam(1e-3), 4.0)
+    pair = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match=r"(?s)\['bias'\] \(shape \(3,\)\) is not part of.*"
+                       r"non_pair='keep'"):
+        tx.init({"s": pair, "bias": jnp.ones(3)})
+    bad = {"half": {"lora_a": jnp.ones((4, 2))},
+           "rank": {"lora_a": jnp.ones((4, 5)), "lora_b": jnp.ones((5, 3))},
+           "ints": {"lora_a": jnp.ones((4, 2), int), "lora_b": jnp.ones((2, 3), int)}}
+    with pytest.raises(ValueError) as err:
+        tx.init(bad)
+    message = str(err.value)
+    for expected in (r"unpaired LoRA factor at \['half'\]\['lora_a'\] \(shape \(4, 2\)\)",
+                     r"\['rank'\]: a \(4, 5\), b \(5, 3\): rank r=5 exceeds",
+                     r"\['ints'\].*non-float dtype"):
+        assert re.search(expected, message), (expected, message)
+    assert "non_pair" not in message

@@ -293,8 +293,10 @@ class LoRALinear(nnx.Module):
         """``W0 ← W0 + scale · a b`` (float32 math, cast to the kernel dtype); disables the branch.
 
         A merged layer computes ``base(x)`` only: the same function (up to rounding in the
-        kernel dtype, and without LoRA dropout), at the cost of one matmul. The factors keep
-        their values but get zero gradients while merged. No-op when already merged.
+        kernel dtype, and without LoRA dropout), at the cost of one matmul. While merged the
+        factors get zero gradients, but an optimizer with momentum still moves them, and
+        :meth:`unmerge` then subtracts a product the kernel never received: merge to evaluate
+        or export, unmerge before training on. No-op when already merged.
         """
         if not self.merged:
             self._add_to_kernel(1.0)
