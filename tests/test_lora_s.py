@@ -26,6 +26,7 @@ from lowrank_optax.lora_s import (
     horizontal_lift,
     lracs,
     quotient_metric,
+    racs_scales,
     scale_by_adams,
     scale_by_lracs,
     sylvester_lift,
@@ -461,3 +462,44 @@ def test_lracs_limiter_caps_metric_norm_growth():
             if float(previous_phi[site]) > 0:
                 assert float(state.phi[site]) <= gamma * float(previous_phi[site]) * (1 + 1e-5)
         params = optax.apply_updates(params, jax.tree.map(lambda u: -0.05 * u, direction))
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e-6, 1e6, 1e15])
+def test_lracs_direction_does_not_depend_on_the_gradient_scale(scale):
+    """RACS's ``X̃ = Q^{-1/2} X S^{-1/2}`` is invariant under ``X → cX`` (``q`` is, ``s`` scales
+    like ``c²``), so the whole LRACS direction is; in float32 the power iteration's norms
+    (``c⁴``) under- and overflow unless the iteration runs on a normalised ``X``."""
+    a, b, y, c = _problem(4)
+    params = {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
+    grads = jax.grad(lambda p: 0.5 * jnp.sum((c * (p["lora_a"] @ p["lora_b"] - y)) ** 2))(params)
+    tx = scale_by_lracs()
+    update = jax.jit(tx.update)
+    reference_state, scaled_state = tx.init(params), tx.init(params)
+    for _ in range(3):  # the moments and the limiter see the same scale every step
+        reference, reference_state = update(grads, reference_state, params)
+        scaled, scaled_state = update(jax.tree.map(lambda g: scale * g, grads), scaled_state,
+                                      params)
+        chex.assert_trees_all_close(scaled, reference, rtol=1e-4, atol=1e-6)
+    x = jnp.asarray(y, jnp.float32)
+    s, q = racs_scales(x)
+    s_scaled, q_scaled = racs_scales(scale * x)
+    np.testing.assert_allclose(q_scaled, q, rtol=1e-5)
+    if scale > 1e-15:  # s of x·1e-20 is ~1e-40, below float32's normal range
+        np.testing.assert_allclose(s_scaled / np.float32(scale) ** 2, s, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_lracs_direction_stays_bounded_past_float32_range_of_the_scales(scale):
+    """Past ~1e±19 the scale ``s`` (``~x²``) leaves float32's normal range: the direction is no
+    longer the invariant one but stays finite and no larger than it (as Adam's at such scales)."""
+    a, b, y, c = _problem(4)
+    params = {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
+    grads = jax.grad(lambda p: 0.5 * jnp.sum((c * (p["lora_a"] @ p["lora_b"] - y)) ** 2))(params)
+    tx = scale_by_lracs()
+    reference, scaled = tx.init(params), tx.init(params)
+    for _ in range(3):
+        unscaled, reference = tx.update(grads, reference, params)
+        direction, scaled = tx.update(jax.tree.map(lambda g: scale * g, grads), scaled, params)
+        for leaf, bound in zip(jax.tree.leaves(direction), jax.tree.leaves(unscaled)):
+            assert np.all(np.isfinite(leaf))
+            assert np.abs(leaf).max() <= 1.01 * np.abs(bound).max()
