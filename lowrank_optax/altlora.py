@@ -306,7 +306,9 @@ def scale_by_altlora(
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
     """
     check_hyperparams("scale_by_altlora", b1=b1, weight_decay=weight_decay, scale=scale,
-                      delta=delta, b2=b2, eps=eps, learning_rate=learning_rate)
+                      delta=delta, b2=b2, eps=eps, learning_rate=learning_rate,
+                      second_moment=second_moment, joint=joint, reference_code=reference_code,
+                      normalize_grams=normalize_grams)
     check_choice("scale_by_altlora", "order", order, _ORDERS)
     if joint and learning_rate is None:
         raise ValueError("scale_by_altlora(joint=True) needs learning_rate to form the new a")
@@ -415,7 +417,7 @@ def altlora(
       >>> params = optax.apply_updates(params, updates)
     """
     check_hyperparams("altlora", learning_rate=learning_rate, b1=b1, weight_decay=weight_decay,
-                      scale=scale, delta=delta)
+                      scale=scale, delta=delta, joint=joint, reference_code=reference_code)
     check_choice("altlora", "order", order, _ORDERS)
     return with_state_check("altlora", optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta, joint=joint,
@@ -463,7 +465,8 @@ def altlora_plus(
       normalize_grams: the robust start (see :func:`scale_by_altlora`); default True.
     """
     check_hyperparams("altlora_plus", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-                      weight_decay=weight_decay, scale=scale, delta=delta)
+                      weight_decay=weight_decay, scale=scale, delta=delta, joint=joint,
+                      reference_code=reference_code, normalize_grams=normalize_grams)
     check_choice("altlora_plus", "order", order, _ORDERS)
     return with_state_check("altlora_plus", optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta,

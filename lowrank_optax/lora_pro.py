@@ -102,7 +102,8 @@ def scale_by_lora_pro(
     Returns:
       A stateless ``optax.GradientTransformation`` whose ``update`` needs ``params``.
     """
-    check_hyperparams("scale_by_lora_pro", scale=scale, delta=delta)
+    check_hyperparams("scale_by_lora_pro", scale=scale, delta=delta,
+                      normalize_grams=normalize_grams)
 
     def init_fn(params):
         PairTree(params, keys)
@@ -282,7 +283,8 @@ def lora_pro_adamw(
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("lora_pro_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-                      weight_decay=weight_decay, scale=scale, delta=delta)
+                      weight_decay=weight_decay, scale=scale, delta=delta, full_state=full_state,
+                      normalize_grams=normalize_grams)
     if full_state:
         direction = scale_by_lora_pro_adam(b1, b2, eps, scale=scale, delta=delta, keys=keys)
     else:

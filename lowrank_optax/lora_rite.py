@@ -247,7 +247,7 @@ def scale_by_lora_rite(
     """
     check_hyperparams("scale_by_lora_rite", b1=b1, b2=b2, eps=eps,
                       clip_unmagnified_grad=clip_unmagnified_grad, update_capping=update_capping,
-                      update_skipping=update_skipping)
+                      update_skipping=update_skipping, apply_escape=apply_escape)
     check_choice("scale_by_lora_rite", "clip_scope", clip_scope, _CLIP_SCOPES)
 
     def init_fn(params):
@@ -373,7 +373,8 @@ def lora_rite(
     """
     check_hyperparams("lora_rite", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay, clip_unmagnified_grad=clip_unmagnified_grad,
-                      update_capping=update_capping, update_skipping=update_skipping)
+                      update_capping=update_capping, update_skipping=update_skipping,
+                      apply_escape=apply_escape, balance=balance)
     check_choice("lora_rite", "clip_scope", clip_scope, _CLIP_SCOPES)
     steps = [
         scale_by_lora_rite(b1, b2, eps, clip_unmagnified_grad=clip_unmagnified_grad,

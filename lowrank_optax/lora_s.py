@@ -345,7 +345,8 @@ def scale_by_adams(
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scale_by_adams", b1=b1, b2=b2, eps=eps, delta=delta,
-                      robust_steps=robust_steps)
+                      robust_steps=robust_steps, low_memory=low_memory,
+                      riemannian_second_moment=riemannian_second_moment)
     robust = _has_robust_start(robust_steps)
 
     def init_fn(params: optax.Params) -> ScaleByAdamSState:
@@ -482,7 +483,8 @@ def adams(
       >>> params = optax.apply_updates(params, updates)
     """
     check_hyperparams("adams", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-                      robust_steps=robust_steps, delta=delta, weight_decay=weight_decay)
+                      robust_steps=robust_steps, delta=delta, weight_decay=weight_decay,
+                      low_memory=low_memory, riemannian_second_moment=riemannian_second_moment)
     return with_state_check("adams", optax.chain(
         scale_by_adams(
             b1, b2, eps, delta=delta, robust_steps=robust_steps, low_memory=low_memory,
@@ -647,7 +649,8 @@ def scale_by_lracs(
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scale_by_lracs", b1=b1, gamma=gamma, eps=eps,
-                      power_iterations=power_iterations, delta=delta)
+                      power_iterations=power_iterations, delta=delta,
+                      bias_correction=bias_correction)
 
     def init_fn(params: optax.Params) -> ScaleByLRACSState:
         def zeros(shape_of):
@@ -712,7 +715,8 @@ def lracs(
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("lracs", learning_rate=learning_rate, b1=b1, gamma=gamma, eps=eps,
-                      power_iterations=power_iterations, delta=delta)
+                      power_iterations=power_iterations, delta=delta,
+                      bias_correction=bias_correction)
     return with_state_check("lracs", optax.chain(
         scale_by_lracs(
             b1, gamma, eps, power_iterations=power_iterations, bias_correction=bias_correction,

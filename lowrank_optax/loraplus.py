@@ -30,7 +30,12 @@ from lowrank_optax.pairs import (
     PairTree,
     keep_update_dtypes,
 )
-from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
+from lowrank_optax.validation import (
+    check_choice,
+    check_hyperparams,
+    check_keys,
+    with_state_check,
+)
 
 __all__ = ["loraplus", "scale_b_factor"]
 
@@ -53,6 +58,7 @@ def scale_b_factor(
     """
     check_hyperparams("scale_b_factor", ratio=ratio)
     check_choice("scale_b_factor", "non_pair", non_pair, _NON_PAIR)
+    check_keys("scale_b_factor", keys)
 
     def pair_structure(tree: Any, what: str) -> PairTree:
         try:

@@ -132,6 +132,19 @@ class PairKeys:
     stats: str = "lora_stats"
     dims: Any = None
 
+    def __post_init__(self) -> None:
+        suffixes = {"a": self.a, "b": self.b, "stats": self.stats}
+        for name, suffix in suffixes.items():
+            if not isinstance(suffix, str) or not suffix:
+                raise TypeError(f"PairKeys: {name}={suffix!r} is not a non-empty string")
+        names = list(suffixes)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                x, y = suffixes[first], suffixes[second]
+                if x.endswith(y) or y.endswith(x):
+                    raise ValueError(f"PairKeys: {first}={x!r} and {second}={y!r} overlap (one "
+                                     "ends with the other), so one key could name both")
+
 
 DEFAULT_KEYS = PairKeys()
 

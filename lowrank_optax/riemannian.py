@@ -110,7 +110,7 @@ def scale_by_riemannian_precond(
     Returns:
       An ``optax.GradientTransformation`` (stateless; needs ``params`` in ``update``).
     """
-    check_hyperparams("scale_by_riemannian_precond", delta=delta)
+    check_hyperparams("scale_by_riemannian_precond", delta=delta, normalize_grams=normalize_grams)
 
     def init_fn(params: optax.Params) -> optax.EmptyState:
         PairTree(params, keys)
@@ -204,7 +204,8 @@ def scale_by_scaled_adam(
       mu_dtype: dtype of the first moment (``optax.scale_by_adam``'s).
       keys: mapping keys of the factors in the tree.
     """
-    check_hyperparams("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, delta=delta)
+    check_hyperparams("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, delta=delta,
+                      normalize_grams=normalize_grams)
     return with_state_check("scale_by_scaled_adam", keep_update_dtypes(
         optax.chain(
             scale_by_riemannian_precond(delta, normalize_grams=normalize_grams, keys=keys),
@@ -244,7 +245,7 @@ def scaled_adamw(
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scaled_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-                      weight_decay=weight_decay, delta=delta)
+                      weight_decay=weight_decay, delta=delta, normalize_grams=normalize_grams)
     return with_state_check("scaled_adamw", optax.chain(
         scale_by_scaled_adam(b1, b2, eps, delta, normalize_grams=normalize_grams,
                              mu_dtype=mu_dtype, keys=keys),

@@ -33,6 +33,7 @@ __all__ = [
     "Interval",
     "check_choice",
     "check_hyperparams",
+    "check_keys",
     "with_state_check",
 ]
 
@@ -85,6 +86,13 @@ RANGES: dict[str, Interval] = {
 }
 
 
+# The boolean options (static: they choose the computation). A string such as "False" is
+# truthy, so anything but a bool is refused rather than read as True.
+FLAGS = frozenset({"apply_escape", "balance", "bias_correction", "full_state", "joint",
+                   "low_memory", "normalize_grams", "reference_code",
+                   "riemannian_second_moment", "second_moment"})
+
+
 def _static_number(value: Any) -> bool:
     """Whether ``value`` is a concrete Python / NumPy number (not an array, tracer or schedule)."""
     if isinstance(value, np.ndarray):
@@ -93,11 +101,16 @@ def _static_number(value: Any) -> bool:
 
 
 def check_hyperparams(owner: str, **values: Any) -> None:
-    """Raises ``ValueError`` for a static hyperparameter outside its range in :data:`RANGES`.
+    """Raises ``ValueError`` for a static hyperparameter outside its range in :data:`RANGES`,
+    ``TypeError`` for a non-number or for a boolean option (:data:`FLAGS`) that is not a bool.
 
     ``None``, schedules (callables), ``jax.Array`` values and tracers are not checked.
     """
     for name, value in values.items():
+        if name in FLAGS:
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+            continue
         if value is None or callable(value) or isinstance(value, jax.Array):
             continue
         interval = RANGES[name]
@@ -115,6 +128,12 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{owner}: {name}={value!r} is not one of {choices}")
+
+
+def check_keys(owner: str, keys: Any) -> None:
+    """Raises ``TypeError`` unless ``keys`` is a :class:`~lowrank_optax.PairKeys`."""
+    if not isinstance(keys, PairKeys):
+        raise TypeError(f"{owner}: keys must be a lowrank_optax.PairKeys, got {keys!r}")
 
 
 # ----------------------------------------------------------------------------- state check
@@ -243,8 +262,10 @@ def with_state_check(
     raises ``ValueError`` listing every offending entry with its path, both shapes and, for
     per-pair entries, the pair's path and factor shapes. Trace-time only; the expected state is
     cached per parameter shapes, and a state with exactly the expected structure and shapes is
-    accepted without further work.
+    accepted without further work. ``keys`` that are not a :class:`PairKeys` raise
+    ``TypeError`` here, at construction.
     """
+    check_keys(owner, keys)
     inner = optax.with_extra_args_support(tx)
     cache: dict[Any, tuple[Any, Any]] = {}
 

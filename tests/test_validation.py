@@ -295,3 +295,43 @@ def test_loraplus_checks_against_updates_without_params():
         error = str(err)
     assert error is not None and "loraplus: " in error
     assert "['q']['lora_a'] has shape (7, 2), expected (6, 2)" in error
+
+
+def _flag_cases():
+    return [pytest.param(fn, name, id=f"{fn.__name__}-{name}")
+            for fn in FUNCTIONS for name, p in _params_of(fn).items()
+            if isinstance(p.default, bool)]
+
+
+def test_every_boolean_option_is_checked_as_a_flag():
+    flags = {name for fn in FUNCTIONS for name, p in _params_of(fn).items()
+             if isinstance(p.default, bool)}
+    assert flags, "no boolean options found: the introspection is broken"
+    assert flags <= validation.FLAGS, sorted(flags - validation.FLAGS)
+
+
+@pytest.mark.parametrize(("fn", "name"), _flag_cases())
+def test_boolean_option_refuses_anything_but_a_bool(fn, name):
+    # "False" is truthy: read as True it would silently build the other variant.
+    for value in ("False", 0):
+        with pytest.raises(TypeError,
+                           match=rf"^{fn.__name__}: {name} must be True or False, got {value!r}"):
+            _build(fn, **{name: value})
+    assert isinstance(_build(fn, **{name: np.bool_(False)}), optax.GradientTransformation)
+
+
+@pytest.mark.parametrize("fn", [fn for fn in FUNCTIONS if "keys" in _params_of(fn)],
+                         ids=lambda fn: fn.__name__)
+def test_keys_must_be_pair_keys(fn):
+    with pytest.raises(TypeError, match=r"keys must be a lowrank_optax.PairKeys, got 'lora'"):
+        _build(fn, keys="lora")
+
+
+def test_pair_keys_refuse_overlapping_or_empty_suffixes():
+    with pytest.raises(ValueError, match=r"a='x' and b='x' overlap"):
+        lro.PairKeys(a="x", b="x")
+    with pytest.raises(ValueError, match=r"a='w_lora_a' and b='lora_a' overlap"):
+        lro.PairKeys(a="w_lora_a", b="lora_a")
+    with pytest.raises(TypeError, match=r"stats=None is not a non-empty string"):
+        lro.PairKeys(stats=None)
+    assert lro.PairKeys(a="down", b="up").a == "down"
