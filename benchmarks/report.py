@@ -27,20 +27,19 @@ milliseconds are medians too, and are noisy; trust the ratios.
   m×n array in their state are also timed against optax.adamw on the dense weights
   `W (2, 1024, 1024)` per layer of the q,v tree, in the same loop; on the all-four tree they are
   not run.{depth_note}
-* *XLA:CPU deadlock (before issue 12)*: with jaxlib 0.10 jitted updates over many stacked pairs
-  could deadlock in the batched LAPACK kernels `jnp.linalg` lowered to (the library's r×r
-  kernels are plain JAX since issue 12, see `benchmarks/cpu24.py`). `run.py` runs
-  each section in a child process that saves update rows one by one and, if a child stops
-  making progress, restarts it after the last finished method and skips the one that hung
-  (listed below the tables as *hung*).
+* *Hangs*: before issue 12, jitted updates over many stacked pairs could deadlock XLA:CPU
+  (jaxlib 0.10) in the batched LAPACK kernels `jnp.linalg` lowered to; the library's r×r
+  kernels are plain JAX since then. `run.py` still runs each section in a child process that
+  saves update rows one by one and, if a child stops making progress, restarts it after the
+  last finished method and skips the one that hung (listed below the tables as *hung*).
 * *Compile time*: wall seconds of `jax.jit(step).lower(...).compile()`.
 * *State bytes*: `tx.init` from shapes (`jax.eval_shape`), against optax.adamw on the same tree.
 """
 
-SHALLOW_NOTE = """ At 2 layers (this run predates the deadlock's diagnosis, which kept it
-  from deeper trees) adamw's update takes well under a millisecond, so fixed per-call costs
-  (dispatch, the many small r×r kernels) weigh more than at 24 layers: these ratios are upper
-  bounds of the 24-layer ones."""
+SHALLOW_NOTE = """ At 2 layers (the CPU configuration, to keep the full run within
+  ~30 minutes on 2 cores; `benchmarks/cpu24.py` times the 24-layer trees) adamw's update takes
+  well under a millisecond, so fixed per-call costs (dispatch, the many small r×r kernels)
+  weigh more than at 24 layers."""
 
 
 def method_note(raw: dict) -> str:

@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 
-# The r×r kernels call LAPACK through scipy's OpenBLAS; its worker threads busy-wait, which on a
-# shared CPU turns a 0.3 ms update into hundreds of ms. Tiny matrices want one thread anyway.
+# NumPy's OpenBLAS (the convergence problems' QR) busy-waits in idle worker
+# threads, which on a shared CPU steals the cores the timed updates run on.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
