@@ -553,7 +553,7 @@ def _balanced(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     cu, cv = jnp.max(jnp.abs(u), axis=-2), jnp.max(jnp.abs(v), axis=-1)
     live = (cu > 0) & (cv > 0)
     d = jnp.where(live, jnp.sqrt(cu) / jnp.sqrt(jnp.where(live, cv, 1.0)), 1.0)
-    return u / d, v * d[:, None]
+    return u / d[..., None, :], v * d[..., :, None]
 
 
 def _scale_of(x: jax.Array) -> jax.Array:

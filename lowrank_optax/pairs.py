@@ -542,8 +542,7 @@ class PairTree:
             if not layout.identity:
                 a = _placed_like(a, _single_array(entry_a))
                 b = _placed_like(b, _single_array(entry_b))
-            stats = old_stats if old_stats is None else jax.tree.map(
-                lambda _, s: s, old_stats, new.stats)
+            stats = None if old_stats is None else new.stats  # restructured by _replace
             replaced.setdefault(site.node, {})[site.prefix] = (
                 _replace_single_array(entry_a, a), _replace_single_array(entry_b, b), stats)
         out = [node if i not in replaced else self._replace(node, replaced[i])
