@@ -13,6 +13,7 @@ from lowrank_optax.altlora import (
     altlora_plus,
     scale_by_altlora,
 )
+from lowrank_optax.cross_term import clip_cross_term
 from lowrank_optax.lora_pro import (
     ScaleByLoRAProAdamState,
     lora_pro_adamw,
@@ -59,6 +60,7 @@ __all__ = [
     "altlora_active",
     "altlora_plus",
     "balance_factor_norms",
+    "clip_cross_term",
     "lora_pro_adamw",
     "lora_pro_sgd",
     "lora_rite",

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_optax import linalg
+from lowrank_optax.cross_term import maybe_clip_cross_term
 from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
@@ -385,6 +386,7 @@ def altlora(
     delta: float = 1e-6,
     joint: bool = False,
     reference_code: bool = False,
+    cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """AltLoRA (Algorithm 1): one factor per ``update`` call, aligned momentum, no bias correction.
@@ -404,6 +406,9 @@ def altlora(
       joint: both factors per call as in the official code (see :func:`scale_by_altlora`).
       reference_code: with ``joint``, the official code's exact step (bias correction, weight
         decay after the step; see :func:`scale_by_altlora`).
+      cross_term_ratio: ``ρ > 0`` of :func:`~lowrank_optax.clip_cross_term`, applied to the
+        step after the learning rate, or ``None`` (default, the method's own step): no hard
+        start of the test suite needs it here, and it costs two 2r×2r Grams per pair.
       keys: mapping keys of the factors in the tree.
 
     Example::
@@ -417,12 +422,14 @@ def altlora(
       >>> params = optax.apply_updates(params, updates)
     """
     check_hyperparams("altlora", learning_rate=learning_rate, b1=b1, weight_decay=weight_decay,
-                      scale=scale, delta=delta, joint=joint, reference_code=reference_code)
+                      scale=scale, delta=delta, joint=joint, reference_code=reference_code,
+                      cross_term_ratio=cross_term_ratio)
     check_choice("altlora", "order", order, _ORDERS)
     return with_state_check("altlora", optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta, joint=joint,
                          reference_code=reference_code, learning_rate=learning_rate, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
+        maybe_clip_cross_term(cross_term_ratio, keys),
     ), keys)
 
 
@@ -439,6 +446,7 @@ def altlora_plus(
     joint: bool = True,
     reference_code: bool = False,
     normalize_grams: bool = True,
+    cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """AltLoRA+: AltLoRA with an elementwise second moment (official code's rule).
@@ -460,13 +468,17 @@ def altlora_plus(
         ``optax.adam``).
       weight_decay: γ ``≥ 0`` on the active factor, default 0.
       joint: both factors per call (default True, see above); False alternates.
+      cross_term_ratio: ``ρ > 0`` of :func:`~lowrank_optax.clip_cross_term`, applied to the
+        step after the learning rate, or ``None`` (default, the method's own step): no hard
+        start of the test suite needs it here, and it costs two 2r×2r Grams per pair.
       order, scale, delta, reference_code, keys: as :func:`altlora` (``order`` only matters
         with ``joint=False``).
       normalize_grams: the robust start (see :func:`scale_by_altlora`); default True.
     """
     check_hyperparams("altlora_plus", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay, scale=scale, delta=delta, joint=joint,
-                      reference_code=reference_code, normalize_grams=normalize_grams)
+                      reference_code=reference_code, normalize_grams=normalize_grams,
+                      cross_term_ratio=cross_term_ratio)
     check_choice("altlora_plus", "order", order, _ORDERS)
     return with_state_check("altlora_plus", optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta,
@@ -474,4 +486,5 @@ def altlora_plus(
                          reference_code=reference_code, normalize_grams=normalize_grams,
                          learning_rate=learning_rate, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
+        maybe_clip_cross_term(cross_term_ratio, keys),
     ), keys)

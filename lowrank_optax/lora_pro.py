@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_optax import linalg
+from lowrank_optax.cross_term import maybe_clip_cross_term
 from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
@@ -214,6 +215,7 @@ def lora_pro_sgd(
     *,
     scale: float = 1.0,
     delta: float = 1e-8,
+    cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro with SGD: ``a ← a − lr·u_a``, ``b ← b − lr·u_b`` (equivalent gradients).
@@ -227,14 +229,18 @@ def lora_pro_sgd(
         scripts').
       scale: LoRA scale ``s > 0``, default 1.0.
       delta: Gram regulariser ``≥ 0``, default 1e-8.
+      cross_term_ratio: ``ρ > 0`` of :func:`~lowrank_optax.clip_cross_term`, applied to the
+        step after the learning rate, or ``None`` (default, the method's own step): no hard
+        start of the test suite needs it here, and it costs two 2r×2r Grams per pair.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("lora_pro_sgd", learning_rate=learning_rate, weight_decay=weight_decay,
-                      scale=scale, delta=delta)
+                      scale=scale, delta=delta, cross_term_ratio=cross_term_ratio)
     return with_state_check("lora_pro_sgd", optax.chain(
         scale_by_lora_pro(scale, delta, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
+        maybe_clip_cross_term(cross_term_ratio, keys),
     ), keys)
 
 
@@ -249,6 +255,7 @@ def lora_pro_adamw(
     delta: float = 1e-8,
     full_state: bool = True,
     normalize_grams: bool = True,
+    cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro AdamW.
@@ -280,11 +287,14 @@ def lora_pro_adamw(
       normalize_grams: the factor-space robust start (above), default True; not used with
         ``full_state=True`` (its moments live in ``m×n`` space, where the factors' scale does
         not enter).
+      cross_term_ratio: ``ρ > 0`` of :func:`~lowrank_optax.clip_cross_term`, applied to the
+        step after the learning rate, or ``None`` (default, the method's own step): no hard
+        start of the test suite needs it here, and it costs two 2r×2r Grams per pair.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("lora_pro_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay, scale=scale, delta=delta, full_state=full_state,
-                      normalize_grams=normalize_grams)
+                      normalize_grams=normalize_grams, cross_term_ratio=cross_term_ratio)
     if full_state:
         direction = scale_by_lora_pro_adam(b1, b2, eps, scale=scale, delta=delta, keys=keys)
     else:
@@ -298,4 +308,5 @@ def lora_pro_adamw(
         direction,
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
+        maybe_clip_cross_term(cross_term_ratio, keys),
     ), keys)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_optax import linalg
+from lowrank_optax.cross_term import maybe_clip_cross_term
 from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
@@ -136,6 +137,7 @@ def quotient_sgd(
     delta: float = 0.0,
     *,
     robust_steps: int = 0,
+    cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """Quotient GD for LoRA pairs: ``a ← a − lr·∇a (aᵀa)``, ``b ← b − lr·(b bᵀ) ∇b``.
@@ -150,11 +152,15 @@ def quotient_sgd(
       delta: Gram shift ``≥ 0`` (see :func:`scale_by_quotient`), default 0.
       robust_steps: initial plain-GD steps, an integer ``≥ 0`` (see :func:`scale_by_quotient`),
         default 0.
+      cross_term_ratio: ``ρ > 0`` of :func:`~lowrank_optax.clip_cross_term`, applied to the
+        step after the learning rate, or ``None`` (default, the method's own step): no hard
+        start of the test suite needs it here, and it costs two 2r×2r Grams per pair.
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("quotient_sgd", learning_rate=learning_rate, delta=delta,
-                      robust_steps=robust_steps)
+                      robust_steps=robust_steps, cross_term_ratio=cross_term_ratio)
     return with_state_check("quotient_sgd", optax.chain(
         scale_by_quotient(delta, robust_steps=robust_steps, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
+        maybe_clip_cross_term(cross_term_ratio, keys),
     ), keys)

@@ -83,6 +83,8 @@ RANGES: dict[str, Interval] = {
     "clip_unmagnified_grad": NONNEGATIVE,
     "update_capping": NONNEGATIVE,
     "update_skipping": NONNEGATIVE,
+    "max_ratio": POSITIVE,
+    "cross_term_ratio": POSITIVE,
 }
 
 

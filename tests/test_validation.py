@@ -58,6 +58,8 @@ BAD = {
     "clip_unmagnified_grad": [-1.0],
     "update_capping": [-1.0],
     "update_skipping": [-0.5],
+    "max_ratio": [0.0, -1.0, NAN],
+    "cross_term_ratio": [0.0, -1.0],
 }
 
 # The legal end of each range (must be accepted).
@@ -76,6 +78,8 @@ BOUNDARY = {
     "clip_unmagnified_grad": 0.0,
     "update_capping": 0.0,
     "update_skipping": 0.0,
+    "max_ratio": 1e-30,
+    "cross_term_ratio": 1e-30,
 }
 
 CHOICES = {"order": "c_first", "clip_scope": "layer", "moment": "half", "non_pair": "drop"}
