@@ -407,8 +407,9 @@ def altlora(
       reference_code: with ``joint``, the official code's exact step (bias correction, weight
         decay after the step; see :func:`scale_by_altlora`).
       cross_term_ratio: ``ρ > 0`` of :func:`~lowrank_optax.clip_cross_term`, applied to the
-        step after the learning rate, or ``None`` (default, the method's own step): no hard
-        start of the test suite needs it here, and it costs two 2r×2r Grams per pair.
+        step after the learning rate, or ``None`` (default, the method's own step): alternating
+        steps move one factor and have no cross term; with ``joint`` no hard start of the test
+        suite needs it, and it costs two 2r×2r Grams per pair.
       keys: mapping keys of the factors in the tree.
 
     Example::
