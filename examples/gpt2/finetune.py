@@ -95,7 +95,7 @@ def _loraplus_adamw(
 # less than Adam.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(1.58e-2, factory=_adamw),
-    "scaled_sgd": OptimizerSpec(9.49e-3),
+    "scaled_sgd": OptimizerSpec(3e-2),
     "scaled_adamw": OptimizerSpec(1e-2),
     "loraplus_adamw": OptimizerSpec(3.16e-3, factory=_loraplus_adamw),
     "adams": OptimizerSpec(1e-3),
