@@ -37,10 +37,7 @@ from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
     PairKeys,
-    PairTree,
-    abstract_safe_init,
-    map_pairs,
-    require_params,
+    pair_map_transformation,
 )
 from lowrank_optax.validation import check_hyperparams, with_state_check
 
@@ -98,22 +95,12 @@ def clip_cross_term(
     """
     check_hyperparams("clip_cross_term", max_ratio=max_ratio)
 
-    def init_fn(params: optax.Params) -> optax.EmptyState:
-        PairTree(params, keys)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        require_params(params, "clip_cross_term")
-
-        def clip(step: LoRAPair, p: LoRAPair) -> LoRAPair:
-            t = cross_term_scale(step, p, max_ratio)[..., None, None]
-            return LoRAPair(step.a * t, step.b * t)
-
-        return map_pairs(clip, updates, params, keys=keys), state
+    def clip(step: LoRAPair, p: LoRAPair) -> LoRAPair:
+        t = cross_term_scale(step, p, max_ratio)[..., None, None]
+        return LoRAPair(step.a * t, step.b * t)
 
     return with_state_check("clip_cross_term",
-                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
-                            keys)
+                            pair_map_transformation("clip_cross_term", clip, keys), keys)
 
 
 def maybe_clip_cross_term(

@@ -35,11 +35,11 @@ from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
     PairKeys,
-    PairTree,
     abstract_safe_init,
     init_pairs,
     keep_update_dtypes,
     map_pairs,
+    pair_map_transformation,
     require_params,
 )
 from lowrank_optax.riemannian import gram_scale
@@ -106,25 +106,15 @@ def scale_by_lora_pro(
     check_hyperparams("scale_by_lora_pro", scale=scale, delta=delta,
                       normalize_grams=normalize_grams)
 
-    def init_fn(params):
-        PairTree(params, keys)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_lora_pro")
-
-        def fn(g, p):
-            u = equivalent_factor_grads(p.a, p.b, g.a, g.b, scale, delta)
-            if not normalize_grams:
-                return u
-            return LoRAPair(u.a * gram_scale(linalg.gram_b(p.b), delta),
-                            u.b * gram_scale(linalg.gram_a(p.a), delta))
-
-        return map_pairs(fn, updates, params, keys=keys), state
+    def fn(g, p):
+        u = equivalent_factor_grads(p.a, p.b, g.a, g.b, scale, delta)
+        if not normalize_grams:
+            return u
+        return LoRAPair(u.a * gram_scale(linalg.gram_b(p.b), delta),
+                        u.b * gram_scale(linalg.gram_a(p.a), delta))
 
     return with_state_check("scale_by_lora_pro",
-                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
-                            keys)
+                            pair_map_transformation("scale_by_lora_pro", fn, keys), keys)
 
 
 class ScaleByLoRAProAdamState(NamedTuple):

@@ -46,6 +46,7 @@ from lowrank_optax.pairs import (
     abstract_safe_init,
     init_pairs,
     map_pairs,
+    pair_map_transformation,
     require_params,
 )
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
@@ -323,23 +324,15 @@ def balance_factor_norms(
     """
     check_hyperparams("balance_factor_norms", eps=eps)
 
-    def update_fn(updates, state, params=None):
-        require_params(params, "balance_factor_norms")
+    def fn(u, p):
+        new_a, new_b = p.a + u.a, p.b + u.b
+        norm_a = jnp.linalg.norm(new_a) + eps
+        norm_b = jnp.linalg.norm(new_b) + eps
+        balanced = jnp.sqrt(norm_a * norm_b)
+        return LoRAPair(new_a * (balanced / norm_a) - p.a, new_b * (balanced / norm_b) - p.b)
 
-        def fn(u, p):
-            new_a, new_b = p.a + u.a, p.b + u.b
-            norm_a = jnp.linalg.norm(new_a) + eps
-            norm_b = jnp.linalg.norm(new_b) + eps
-            balanced = jnp.sqrt(norm_a * norm_b)
-            return LoRAPair(new_a * (balanced / norm_a) - p.a, new_b * (balanced / norm_b) - p.b)
-
-        return map_pairs(fn, updates, params, keys=keys), state
-
-    return with_state_check(
-        "balance_factor_norms",
-        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
-        keys,
-    )
+    return with_state_check("balance_factor_norms",
+                            pair_map_transformation("balance_factor_norms", fn, keys), keys)
 
 
 def lora_rite(

@@ -55,6 +55,7 @@ __all__ = [
     "is_pair_node",
     "keep_update_dtypes",
     "map_pairs",
+    "pair_map_transformation",
     "require_params",
 ]
 
@@ -865,6 +866,27 @@ def _unaliased(state: Any, params: Any) -> Any:
         return x
 
     return jax.tree.map(fresh, state)
+
+
+def pair_map_transformation(
+    name: str, fn: Callable[[LoRAPair, LoRAPair], LoRAPair], keys: PairKeys = DEFAULT_KEYS
+) -> optax.GradientTransformation:
+    """A stateless transformation that maps every update pair with its parameter pair.
+
+    ``update`` returns ``map_pairs(fn, updates, params)`` (``fn(u, p)`` gets 2-D float32-or-wider
+    pairs and returns the new update pair) and needs ``params``; ``init`` checks the params'
+    pairs and returns ``optax.EmptyState()``. ``name`` is used in the errors.
+    """
+
+    def init_fn(params: Any) -> optax.EmptyState:
+        PairTree(params, keys)
+        return optax.EmptyState()
+
+    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
+        require_params(params, name)
+        return map_pairs(fn, updates, params, keys=keys), state
+
+    return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)
 
 
 def abstract_safe_init(init_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -41,11 +41,8 @@ from lowrank_optax.pairs import (
     DEFAULT_KEYS,
     LoRAPair,
     PairKeys,
-    PairTree,
-    abstract_safe_init,
     keep_update_dtypes,
-    map_pairs,
-    require_params,
+    pair_map_transformation,
 )
 from lowrank_optax.validation import check_hyperparams, with_state_check
 
@@ -113,19 +110,9 @@ def scale_by_riemannian_precond(
     """
     check_hyperparams("scale_by_riemannian_precond", delta=delta, normalize_grams=normalize_grams)
 
-    def init_fn(params: optax.Params) -> optax.EmptyState:
-        PairTree(params, keys)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_riemannian_precond")
-        new_updates = map_pairs(lambda g, p: precondition_pair(g, p, delta, normalize_grams),
-                                updates, params, keys=keys)
-        return new_updates, state
-
-    return with_state_check("scale_by_riemannian_precond",
-                            optax.GradientTransformation(abstract_safe_init(init_fn), update_fn),
-                            keys)
+    return with_state_check("scale_by_riemannian_precond", pair_map_transformation(
+        "scale_by_riemannian_precond",
+        lambda g, p: precondition_pair(g, p, delta, normalize_grams), keys), keys)
 
 
 def scaled_sgd(
