@@ -22,8 +22,9 @@ so that the cross term is at most ``ρ`` times the first-order term (``t`` multi
 by ``t`` and the cross term by ``t²``). Near a solution or at a small learning rate the cross
 term is second order in the step and ``t = 1``: the method's own step, unchanged. Both norms
 are GL(r) invariant (``(a R, R⁻¹ b)`` with ``(Δa R, R⁻¹ Δb)`` leaves ``a Δb``, ``Δa b`` and
-``Δa Δb`` unchanged), so an invariant method stays invariant. Cost per pair: two ``2r×2r`` Grams,
-``[a, Δa]ᵀ[a, Δa]`` and ``[b; Δb][b; Δb]ᵀ``; no ``m×n`` array.
+``Δa Δb`` unchanged), so an invariant method stays invariant. Cost per pair: the blocks of
+two ``2r×2r`` Grams, ``[a, Δa]ᵀ[a, Δa]`` and ``[b; Δb][b; Δb]ᵀ`` (``3(m + n)r²``
+multiply-adds); no ``m×n`` array.
 """
 
 from __future__ import annotations
@@ -52,21 +53,21 @@ def _trace_of_product(x: jax.Array, y: jax.Array) -> jax.Array:
 def cross_term_scale(step: LoRAPair, p: LoRAPair, max_ratio: float | jax.Array) -> jax.Array:
     """``t = min(1, ρ‖a Δb + Δa b‖_F / ‖Δa Δb‖_F)`` for one 2-D pair (a scalar).
 
-    Each side is first divided by its largest entry (``[a, Δa]`` and ``[b; Δb]``): the ratio is
-    unchanged, and the squared norms can neither overflow nor underflow. ``t = 1`` for a zero
-    cross term.
+    Each side is first divided by its largest entry (of ``a`` and ``Δa``, of ``b`` and ``Δb``):
+    the ratio is unchanged, and the squared norms can neither overflow nor underflow. The three
+    distinct ``r×r`` blocks of each side's ``2r×2r`` Gram are formed separately (``aᵀa``,
+    ``aᵀΔa``, ``ΔaᵀΔa``): no concatenated copy, and 3/4 of the full Gram's products.
+    ``t = 1`` for a zero cross term.
     """
-    r = p.a.shape[-1]
-    left = jnp.concatenate([p.a, step.a], axis=-1)
-    right = jnp.concatenate([p.b, step.b], axis=-2)
-    left, right = left / linalg.max_abs_scale(left), right / linalg.max_abs_scale(right)
-    gram_left, gram_right = linalg.gram_a(left), linalg.gram_b(right)
-    gram_a, a_step, step_gram_a = (gram_left[..., :r, :r], gram_left[..., :r, r:],
-                                   gram_left[..., r:, r:])
-    gram_b, b_step, step_gram_b = (gram_right[..., :r, :r], gram_right[..., :r, r:],
-                                   gram_right[..., r:, r:])
+    scale_a, scale_b = linalg.max_abs_scale(p.a, step.a), linalg.max_abs_scale(p.b, step.b)
+    a, a_step = p.a / scale_a, step.a / scale_a
+    b, b_step = p.b / scale_b, step.b / scale_b
+    gram_a, step_gram_a = linalg.gram_a(a), linalg.gram_a(a_step)
+    gram_b, step_gram_b = linalg.gram_b(b), linalg.gram_b(b_step)
+    a_cross = jnp.einsum("...mr,...ms->...rs", a, a_step)
+    b_cross = jnp.einsum("...rn,...sn->...rs", b, b_step)
     first = (_trace_of_product(gram_a, step_gram_b) + _trace_of_product(step_gram_a, gram_b)
-             + 2 * _trace_of_product(a_step, b_step))
+             + 2 * _trace_of_product(a_cross, b_cross))
     cross = _trace_of_product(step_gram_a, step_gram_b)
     bound = max_ratio * jnp.sqrt(jnp.maximum(first, 0.0))
     clipped = cross > bound * bound

@@ -105,11 +105,11 @@ def gram_b(b: jax.Array) -> jax.Array:
     return jnp.einsum("...rn,...sn->...rs", b, b)
 
 
-def max_abs_scale(x: jax.Array) -> jax.Array:
-    """``max|x|`` over the whole array, or 1 for ``x = 0``: a scalar to divide one matrix by
-    before forming squares that would under- or overflow (call it per pair)."""
-    largest = jnp.max(jnp.abs(x))
-    return jnp.where(largest > 0, largest, 1.0).astype(x.dtype)
+def max_abs_scale(*arrays: jax.Array) -> jax.Array:
+    """``max|x|`` over all entries of the arrays, or 1 if they are all zero: a scalar to divide
+    them by before forming squares that would under- or overflow (call it per pair)."""
+    largest = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in arrays])
+    return jnp.where(largest > 0, largest, 1.0).astype(arrays[0].dtype)
 
 
 def _eps(dtype) -> jax.Array:
