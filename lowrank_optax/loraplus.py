@@ -42,6 +42,15 @@ __all__ = ["loraplus", "scale_b_factor"]
 _NON_PAIR = ("error", "keep")
 
 
+def _pair_structure(tree: Any, what: str, keys: PairKeys, non_pair: str) -> PairTree:
+    try:
+        return PairTree(tree, keys, what, strays=non_pair)
+    except ValueError as err:
+        hint = ("\nPass non_pair='keep' to train leaves outside pairs at the base learning "
+                "rate." if STRAY_LEAF in str(err) else "")
+        raise ValueError(f"loraplus: {err}{hint}") from None
+
+
 def scale_b_factor(
     ratio: float | jax.Array,
     *,
@@ -60,21 +69,13 @@ def scale_b_factor(
     check_choice("scale_b_factor", "non_pair", non_pair, _NON_PAIR)
     check_keys("scale_b_factor", keys)
 
-    def pair_structure(tree: Any, what: str) -> PairTree:
-        try:
-            return PairTree(tree, keys, what, strays=non_pair)
-        except ValueError as err:
-            hint = ("\nPass non_pair='keep' to train leaves outside pairs at the base learning "
-                    "rate." if STRAY_LEAF in str(err) else "")
-            raise ValueError(f"loraplus: {err}{hint}") from None
-
     def init_fn(params: optax.Params) -> optax.EmptyState:
-        pair_structure(params, "params")  # the errors at construction, as every method's
+        _pair_structure(params, "params", keys, non_pair)  # errors at init, as every method's
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
         del params
-        structure = pair_structure(updates, "updates")
+        structure = _pair_structure(updates, "updates", keys, non_pair)
         scaled = [None if p is None else p._replace(b=p.b * ratio) for p in structure.pairs]
         return structure.rebuild(updates, scaled), state
 
@@ -136,6 +137,13 @@ def loraplus(
     elif base_kwargs:
         raise TypeError(f"loraplus got keyword arguments {sorted(base_kwargs)} for a ready "
                         "transformation; pass a factory to configure it")
-    return with_state_check("loraplus", keep_update_dtypes(
+    tx = with_state_check("loraplus", keep_update_dtypes(
         optax.chain(base, scale_b_factor(ratio, non_pair=non_pair, keys=keys))
     ), keys)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is not None:  # the pairs' shapes checked before the base optimizer sees them
+            _pair_structure(params, "params", keys, non_pair).pairs_of(updates, "updates")
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

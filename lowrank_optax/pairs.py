@@ -187,6 +187,11 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
 
 
+def _described(x: Any) -> str:
+    """``"is None"`` or ``"has shape (…)"``: how an error names a factor entry."""
+    return "is None" if x is None else f"has shape {_shape(x)}"
+
+
 def _clean_path(path: tuple) -> tuple:
     """``path`` without the ``.value`` tail an ``nnx.Variable`` adds."""
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in (
@@ -503,28 +508,34 @@ class PairTree:
 
     def pairs_of(self, tree: Any, what: str) -> list[LoRAPair | None]:
         """The factor arrays of ``tree`` pair by pair in the 2-D view, checked against the
-        params' shapes."""
+        params' shapes; a mismatch raises one ``ValueError`` that lists every offending pair."""
         nodes = self._nodes(tree, what)
-        result = []
+        result: list[LoRAPair | None] = []
+        problems: list[str] = []
         for site, ref, layout in zip(self.sites, self.pairs, self.layouts):
             if ref is None:
                 result.append(None)
                 continue
             node = nodes[site.node]
             if not is_pair_node(node, self.keys):
-                raise ValueError(f"{what} at {site.path}: expected a LoRA pair, got {type(node)}")
+                problems.append(f"at {site.path}: expected a LoRA pair, got {type(node)}")
+                continue
             try:
                 entry_a, entry_b, stats = _factor_entries(node, self.keys, site.prefix)
             except KeyError as err:
-                raise ValueError(f"{what} at {site.path}: factor {err} is missing") from err
+                problems.append(f"at {site.path}: factor {err} is missing")
+                continue
             a, b = _single_array(entry_a), _single_array(entry_b)
-            for name, x, shape in (("a", a, layout.a_shape), ("b", b, layout.b_shape)):
-                if _shape(x) != shape:
-                    raise ValueError(
-                        f"{what} at {site.path}: factor {name} has shape {_shape(x)} but params "
-                        f"have {shape}"
-                    )
-            result.append(LoRAPair(*layout.to_2d(a, b), stats))
+            wrong = [f"at {site.path}: factor {name} {_described(x)} but params have {shape}"
+                     for name, x, shape in (("a", a, layout.a_shape), ("b", b, layout.b_shape))
+                     if x is None or _shape(x) != shape]
+            problems.extend(wrong)
+            if not wrong:
+                result.append(LoRAPair(*layout.to_2d(a, b), stats))
+        if len(problems) == 1:
+            raise ValueError(f"{what} {problems[0]}")
+        if problems:
+            raise ValueError(f"{what} do not match the params:\n  " + "\n  ".join(problems))
         return result
 
     def unflatten(self, items: Sequence[Any]) -> Any:

@@ -7,7 +7,8 @@ transformation it returns with :func:`with_state_check`, so that
 * an out-of-range hyperparameter raises ``ValueError("<function>: <name>=<value> is outside
   <range>")`` when the optimizer is constructed, not a NaN many steps later. Only static
   values are checked (Python and NumPy scalars): a ``jax.Array`` or tracer (what
-  ``optax.inject_hyperparams`` passes) and a schedule are left alone;
+  ``optax.inject_hyperparams`` passes) and a schedule are left alone, except that an integer
+  hyperparameter must have an integer dtype;
 * a state that does not belong to the params (built by ``init`` for other shapes, ranks or batch
   axes, or by another optimizer) raises a ``ValueError`` at the first ``update`` that lists
   every offending state entry with its tree path, its shape and the expected shape. The
@@ -106,16 +107,24 @@ def check_hyperparams(owner: str, **values: Any) -> None:
     """Raises ``ValueError`` for a static hyperparameter outside its range in :data:`RANGES`,
     ``TypeError`` for a non-number or for a boolean option (:data:`FLAGS`) that is not a bool.
 
-    ``None``, schedules (callables), ``jax.Array`` values and tracers are not checked.
+    ``None``, schedules (callables), ``jax.Array`` values and tracers are not range-checked
+    (their values may be unknown); an integer hyperparameter given as a floating-point array
+    (``optax.inject_hyperparams`` turns ``2.5`` into one) raises ``TypeError``.
     """
     for name, value in values.items():
         if name in FLAGS:
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
             continue
-        if value is None or callable(value) or isinstance(value, jax.Array):
-            continue
         interval = RANGES[name]
+        if isinstance(value, jax.Array):
+            if interval.integer and not np.issubdtype(value.dtype, np.integer):
+                raise TypeError(
+                    f"{owner}: {name} must be an integer, got an array of dtype {value.dtype} "
+                    f"(under optax.inject_hyperparams pass an int, or static_args=('{name}',))")
+            continue
+        if value is None or callable(value):
+            continue
         if not _static_number(value):
             raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
         number = value.item() if isinstance(value, np.ndarray) else value

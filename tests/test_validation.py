@@ -301,6 +301,35 @@ def test_loraplus_checks_against_updates_without_params():
     assert "['q']['lora_a'] has shape (7, 2), expected (6, 2)" in error
 
 
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_updates_that_do_not_match_the_params_name_every_pair(method: Method):
+    # A gradient of the wrong shape and a missing (None) factor, in two different pairs: both
+    # are named with their tree paths and shapes, before any base optimizer sees them.
+    tx = method.make()
+    updates = {"q": {"lora_a": jnp.ones((7, 2)), "lora_b": jnp.ones((2, 5))},
+               "v": {"lora_a": jnp.ones((6, 2)), "lora_b": None}}
+    with pytest.raises(ValueError) as info:
+        tx.update(updates, tx.init(PARAMS), PARAMS)
+    error = str(info.value)
+    assert "updates do not match the params" in error
+    assert "at ['q']: factor a has shape (7, 2) but params have (6, 2)" in error
+    assert "at ['v']: factor b is None but params have (2, 5)" in error
+
+
+@pytest.mark.parametrize(("factory", "name"), [(lro.lracs, "power_iterations"),
+                                               (lro.quotient_sgd, "robust_steps"),
+                                               (lro.adams, "robust_steps")])
+def test_integer_hyperparameter_injected_as_float_is_refused(factory, name):
+    # inject_hyperparams turns 2.5 into a float32 array, which has no range check (its value may
+    # be traced) but must not reach a loop bound or a step comparison.
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got an array of dtype "
+                                        "float32"):
+        optax.inject_hyperparams(factory)(0.1, **{name: 2.5}).init(PARAMS)
+    tx = optax.inject_hyperparams(factory)(0.1, **{name: 3})
+    updates, _ = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
 def _flag_cases():
     return [pytest.param(fn, name, id=f"{fn.__name__}-{name}")
             for fn in FUNCTIONS for name, p in _params_of(fn).items()
