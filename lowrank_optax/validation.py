@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -149,6 +150,11 @@ def check_keys(owner: str, keys: Any) -> None:
 
 # ----------------------------------------------------------------------------- state check
 
+EMPTY_PARAMS_WARNING = (
+    "lowrank_optax: init got params with no array (no LoRA pair): this optimizer will update "
+    "nothing. With nnx.Optimizer(model, tx, wrt=nnx.LoRAParam), check that the model has LoRA "
+    "layers; with optax.partition, that some parameter carries this optimizer's label.")
+
 Path = tuple[Any, ...]
 
 
@@ -266,7 +272,10 @@ def with_state_check(
     tx: optax.GradientTransformation,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformationExtraArgs:
-    """``tx`` whose ``update`` first checks that ``state`` is ``tx.init``'s state for the params.
+    """``tx`` whose ``update`` first checks that ``state`` is ``tx.init``'s state for the params,
+    and whose ``init`` warns (:data:`EMPTY_PARAMS_WARNING`, once per process) when the params
+    hold no array at all: legal for optax, but for a LoRA optimizer a model without LoRA layers
+    or a filter that selected nothing, which would otherwise train nothing silently.
 
     The expected state is ``jax.eval_shape(tx.init, params)`` (``updates`` when ``params`` is
     ``None``): state types and every entry's shape must agree (dtypes may differ). A mismatch
@@ -304,4 +313,9 @@ def with_state_check(
                 )
         return inner.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    def init_fn(params):
+        if not jax.tree.leaves(params):
+            warnings.warn(EMPTY_PARAMS_WARNING, stacklevel=1)
+        return inner.init(params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

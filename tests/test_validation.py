@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -328,6 +329,28 @@ def test_integer_hyperparameter_injected_as_float_is_refused(factory, name):
     tx = optax.inject_hyperparams(factory)(0.1, **{name: 3})
     updates, _ = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_init_on_a_tree_without_pairs_warns(method: Method):
+    # A model with no LoRA layer under nnx.Optimizer(wrt=nnx.LoRAParam) gives an empty tree:
+    # legal for optax, but the optimizer would train nothing, silently.
+    with pytest.warns(UserWarning, match="no LoRA pair.*will update nothing"):
+        method.make().init({})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method.make().init(PARAMS)
+
+
+def test_nnx_model_without_lora_layers_warns():
+    from flax import nnx
+
+    class Plain(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(3, 2, rngs=rngs)
+
+    with pytest.warns(UserWarning, match="check that the model has LoRA layers"):
+        nnx.Optimizer(Plain(nnx.Rngs(0)), lro.scaled_adamw(1e-3), wrt=nnx.LoRAParam)
 
 
 def _flag_cases():
