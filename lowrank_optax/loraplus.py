@@ -137,13 +137,13 @@ def loraplus(
     elif base_kwargs:
         raise TypeError(f"loraplus got keyword arguments {sorted(base_kwargs)} for a ready "
                         "transformation; pass a factory to configure it")
-    tx = with_state_check("loraplus", keep_update_dtypes(
-        optax.chain(base, scale_b_factor(ratio, non_pair=non_pair, keys=keys))
-    ), keys)
+    tx = optax.with_extra_args_support(keep_update_dtypes(
+        optax.chain(base, scale_b_factor(ratio, non_pair=non_pair, keys=keys))))
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is not None:  # the pairs' shapes checked before the base optimizer sees them
             _pair_structure(params, "params", keys, non_pair).pairs_of(updates, "updates")
         return tx.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return with_state_check("loraplus", optax.GradientTransformationExtraArgs(tx.init, update_fn),
+                            keys)

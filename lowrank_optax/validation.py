@@ -256,6 +256,26 @@ def state_mismatches(expected: Any, state: Any, reference: Any, keys: PairKeys) 
     return lines
 
 
+def update_mismatches(updates: Any, params: Any) -> list[str]:
+    """When the trees differ: one line per leaf that ``updates`` has and ``params`` lacks (a
+    gradient of the whole model for an optimizer of its LoRA factors), the reverse (a ``None``
+    factor) and each common leaf of another shape. Same structure: nothing (the pair maps
+    check the factors' shapes)."""
+    if jax.tree.structure(updates) == jax.tree.structure(params):
+        return []
+    have, want = _leaves(updates), _leaves(params)
+    name = jax.tree_util.keystr
+    lines = []
+    for path, leaf in have.items():
+        if path not in want:
+            lines.append(f"updates{name(path)} (shape {_shape(leaf)}) is not in the params")
+        elif _shape(leaf) != _shape(want[path]):
+            lines.append(f"updates{name(path)} has shape {_shape(leaf)}, params have "
+                         f"{_shape(want[path])}")
+    return lines + [f"params{name(path)} (shape {_shape(leaf)}) has no update (missing or None)"
+                    for path, leaf in want.items() if path not in have]
+
+
 def _signature(tree: Any) -> Any:
     """A hashable key of a tree's structure and shapes (``None`` when not hashable)."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -272,7 +292,8 @@ def with_state_check(
     tx: optax.GradientTransformation,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformationExtraArgs:
-    """``tx`` whose ``update`` first checks that ``state`` is ``tx.init``'s state for the params,
+    """``tx`` whose ``update`` first checks that ``updates`` have the leaves of the params
+    (:func:`update_mismatches`) and that ``state`` is ``tx.init``'s state for the params,
     and whose ``init`` warns (:data:`EMPTY_PARAMS_WARNING`, once per process) when the params
     hold no array at all: legal for optax, but for a LoRA optimizer a model without LoRA layers
     or a filter that selected nothing, which would otherwise train nothing silently.
@@ -302,6 +323,11 @@ def with_state_check(
         return entry
 
     def update_fn(updates, state, params=None, **extra_args):
+        if params is not None:
+            lines = update_mismatches(updates, params)
+            if lines:
+                raise ValueError(f"{owner}: the updates do not have the leaves of the params:\n  "
+                                 + "\n  ".join(lines))
         reference = updates if params is None else params
         expected, signature = expected_state(reference)
         if signature is None or _signature(state) != signature:

@@ -312,9 +312,30 @@ def test_updates_that_do_not_match_the_params_name_every_pair(method: Method):
     with pytest.raises(ValueError) as info:
         tx.update(updates, tx.init(PARAMS), PARAMS)
     error = str(info.value)
+    assert "the updates do not have the leaves of the params" in error
+    assert "updates['q']['lora_a'] has shape (7, 2), params have (6, 2)" in error
+    assert "params['v']['lora_b'] (shape (2, 5)) has no update (missing or None)" in error
+    # Same structure, wrong shapes in two pairs: the pair map names both.
+    updates["v"]["lora_b"] = jnp.ones((2, 4))
+    with pytest.raises(ValueError) as info:
+        tx.update(updates, tx.init(PARAMS), PARAMS)
+    error = str(info.value)
     assert "updates do not match the params" in error
     assert "at ['q']: factor a has shape (7, 2) but params have (6, 2)" in error
-    assert "at ['v']: factor b is None but params have (2, 5)" in error
+    assert "at ['v']: factor b has shape (2, 4) but params have (2, 5)" in error
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_gradient_of_the_whole_model_is_named(method: Method):
+    # The gradient of every parameter, given to an optimizer of the LoRA factors only.
+    tx = method.make()
+    updates = {**PARAMS, "q": {**PARAMS["q"], "kernel": jnp.ones((6, 5))},
+               "head": jnp.ones((3,))}
+    with pytest.raises(ValueError) as info:
+        tx.update(updates, tx.init(PARAMS), PARAMS)
+    error = str(info.value)
+    assert "updates['q']['kernel'] (shape (6, 5)) is not in the params" in error
+    assert "updates['head'] (shape (3,)) is not in the params" in error
 
 
 @pytest.mark.parametrize(("factory", "name"), [(lro.lracs, "power_iterations"),
