@@ -370,6 +370,23 @@ def _nnx_hint(paths: Sequence[tuple]) -> str:
             "nnx.Optimizer (and nnx.DiffState(0, nnx.LoRAParam) to nnx.grad), or partition them.")
 
 
+def _keys_hint(paths: Sequence[tuple], keys: PairKeys) -> str:
+    """A hint for stray leaves whose names contain "lora": other factor names (PEFT's
+    ``lora_A``/``lora_B``) need their own :class:`PairKeys`."""
+    names = sorted({str(getattr(p[-1], "key", getattr(p[-1], "name", ""))) for p in
+                    (_clean_path(path) for path in paths) if p})
+    names = [name for name in names if "lora" in name.lower()]
+    if not names:
+        return ""
+    a_like = [name for name in names if name[-1:] in "aA"]
+    b_like = [name for name in names if name[-1:] in "bB"]
+    example = (f" (here perhaps PairKeys(a={a_like[0]!r}, b={b_like[0]!r}))"
+               if len(a_like) == 1 and len(b_like) == 1 else "")
+    return (f" Leaves named {', '.join(map(repr, names))} look like LoRA factors that the keys "
+            f"(a={keys.a!r}, b={keys.b!r}) do not match: pass keys=lowrank_optax.PairKeys(a=..., "
+            f"b=...) with their names' suffixes{example}.")
+
+
 class PairTree:
     """The pair-level structure of a tree: its pairs are the leaves of :attr:`treedef`.
 
@@ -432,7 +449,8 @@ class PairTree:
                 f"{what} leaf at {_path_str(p)} (shape {_shape(_single_leaf(x))}) {STRAY_LEAF}"
                 for p, x in stray]
             hint = (" Route such leaves to another transformation with optax.partition or "
-                    "optax.multi_transform." + _nnx_hint([p for p, _ in stray]))
+                    "optax.multi_transform." + _nnx_hint([p for p, _ in stray])
+                    + _keys_hint([p for p, _ in stray], self.keys))
             problems.append(hint.strip())
         if problems:
             raise ValueError("\n".join(problems) if len(problems) > 1 else problems[0])
@@ -600,6 +618,16 @@ def _placed_like(x: Any, ref: Any) -> Any:
     return x
 
 
+def _transposed_hint(sa: tuple[int, ...], sb: tuple[int, ...]) -> str:
+    """A hint when ``a (…, r, m)``, ``b (…, n, r)`` fits: PyTorch / PEFT's orientation."""
+    if len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-2] != sb[-1] or sa[-2] > min(sa[-1],
+                                                                                  sb[-2]):
+        return ""
+    return (f". The factors look transposed (PyTorch / PEFT's A (r, in), B (out, r) with "
+            f"r={sa[-2]}): this library's pair is a (..., m, r), b (..., r, n) with "
+            "delta_W = a @ b, so pass a.T and b.T (swap the last two axes)")
+
+
 def _validate_pair(path: str, a: Any, b: Any, dims: PairDimensionNumbers | None) -> _Layout:
     sa, sb = _shape(a), _shape(b)
     where = f"LoRA pair at {path}: a {sa}, b {sb}"
@@ -608,9 +636,10 @@ def _validate_pair(path: str, a: Any, b: Any, dims: PairDimensionNumbers | None)
     try:
         layout = _infer_layout(sa, sb) if dims is None else _layout(sa, sb, dims)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise ValueError(f"{where}: {err}{_transposed_hint(sa, sb)}") from None
     if layout.r > min(layout.m, layout.n):
-        raise ValueError(f"{where}: rank r={layout.r} exceeds min(m, n)={min(layout.m, layout.n)}")
+        raise ValueError(f"{where}: rank r={layout.r} exceeds min(m, n)="
+                         f"{min(layout.m, layout.n)}{_transposed_hint(sa, sb)}")
     for name, x in (("a", a), ("b", b)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{where}: factor {name} has non-float dtype {x.dtype}")

@@ -52,6 +52,38 @@ def test_errors_name_path_and_shapes(tree, message):
         assert shapes in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize(("a_shape", "b_shape"), [((2, 8), (6, 2)), ((2, 8), (8, 2)),
+                                              ((3, 2, 8), (3, 6, 2))])
+def test_factors_in_pytorch_orientation_get_a_transpose_hint(a_shape, b_shape):
+    tree = {"x": {"lora_a": jnp.ones(a_shape), "lora_b": jnp.ones(b_shape)}}
+    with pytest.raises(ValueError, match=r"look transposed .* with r=2\).* pass a\.T and b\.T"):
+        PairTree(tree)
+    fixed = {"x": {"lora_a": jnp.swapaxes(tree["x"]["lora_a"], -1, -2),
+                   "lora_b": jnp.swapaxes(tree["x"]["lora_b"], -1, -2)}}
+    assert PairTree(fixed).pairs[0].a.shape[-2:] == (8, 2)
+
+
+def test_other_wrong_pairs_get_no_transpose_hint():
+    for a_shape, b_shape in [((5, 2), (3, 3)), ((2, 4), (4, 3))]:
+        with pytest.raises(ValueError) as err:
+            PairTree({"x": {"lora_a": jnp.ones(a_shape), "lora_b": jnp.ones(b_shape)}})
+        assert "transposed" not in str(err.value)
+
+
+def test_stray_leaves_named_like_factors_get_a_keys_hint():
+    tree = {"q": {"lora_A": A, "lora_B": B}, "bias": jnp.ones(3)}
+    with pytest.raises(ValueError) as err:
+        PairTree(tree)
+    message = str(err.value)
+    assert "Leaves named 'lora_A', 'lora_B' look like LoRA factors" in message
+    assert "(here perhaps PairKeys(a='lora_A', b='lora_B'))" in message
+    assert "'bias'" not in message.split("Leaves named")[1]
+    with pytest.raises(ValueError) as err:
+        PairTree({"q": {"lora_a": A, "lora_b": B}, "bias": jnp.ones(3)})
+    assert "look like LoRA factors" not in str(err.value)
+    assert PairTree({"q": tree["q"]}, PairKeys(a="lora_A", b="lora_B")).num_pairs == 1
+
+
 def test_update_without_params_is_a_clear_error():
     tx = scaled_sgd(0.1)
     params = {"x": {"lora_a": A, "lora_b": B}}
