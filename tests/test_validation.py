@@ -302,6 +302,13 @@ def test_loraplus_checks_against_updates_without_params():
     assert "['q']['lora_a'] has shape (7, 2), expected (6, 2)" in error
 
 
+def _error_of_updates(tx, updates) -> str:
+    """The ValueError message of ``update`` with these updates for ``PARAMS``."""
+    with pytest.raises(ValueError) as info:
+        tx.update(updates, tx.init(PARAMS), PARAMS)
+    return str(info.value)
+
+
 @pytest.mark.parametrize("method", METHODS, ids=str)
 def test_updates_that_do_not_match_the_params_name_every_pair(method: Method):
     # A gradient of the wrong shape and a missing (None) factor, in two different pairs: both
@@ -309,17 +316,13 @@ def test_updates_that_do_not_match_the_params_name_every_pair(method: Method):
     tx = method.make()
     updates = {"q": {"lora_a": jnp.ones((7, 2)), "lora_b": jnp.ones((2, 5))},
                "v": {"lora_a": jnp.ones((6, 2)), "lora_b": None}}
-    with pytest.raises(ValueError) as info:
-        tx.update(updates, tx.init(PARAMS), PARAMS)
-    error = str(info.value)
+    error = _error_of_updates(tx, updates)
     assert "the updates do not have the leaves of the params" in error
     assert "updates['q']['lora_a'] has shape (7, 2), params have (6, 2)" in error
     assert "params['v']['lora_b'] (shape (2, 5)) has no update (missing or None)" in error
     # Same structure, wrong shapes in two pairs: the pair map names both.
     updates["v"]["lora_b"] = jnp.ones((2, 4))
-    with pytest.raises(ValueError) as info:
-        tx.update(updates, tx.init(PARAMS), PARAMS)
-    error = str(info.value)
+    error = _error_of_updates(tx, updates)
     assert "updates do not match the params" in error
     assert "at ['q']: factor a has shape (7, 2) but params have (6, 2)" in error
     assert "at ['v']: factor b has shape (2, 4) but params have (2, 5)" in error
@@ -331,9 +334,7 @@ def test_gradient_of_the_whole_model_is_named(method: Method):
     tx = method.make()
     updates = {**PARAMS, "q": {**PARAMS["q"], "kernel": jnp.ones((6, 5))},
                "head": jnp.ones((3,))}
-    with pytest.raises(ValueError) as info:
-        tx.update(updates, tx.init(PARAMS), PARAMS)
-    error = str(info.value)
+    error = _error_of_updates(tx, updates)
     assert "updates['q']['kernel'] (shape (6, 5)) is not in the params" in error
     assert "updates['head'] (shape (3,)) is not in the params" in error
 
