@@ -44,7 +44,7 @@ from lowrank_optax.pairs import (
     map_pairs,
     require_params,
 )
-from lowrank_optax.riemannian import gram_scale
+from lowrank_optax.riemannian import ROBUST_RELATIVE_DELTA, gram_scale, relative_gram_delta
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
 __all__ = [
@@ -116,6 +116,7 @@ class _Hyper(NamedTuple):
     weight_decay: Any
     scale: Any
     delta: Any
+    relative_delta: Any
     second_moment: bool
     reference_code: bool
     normalize: bool  # AltLoRA+ with normalised Grams (robust start)
@@ -147,22 +148,28 @@ def _with_decay(direction, param, hp: _Hyper):
     return direction + hp.weight_decay * param
 
 
-def _normalization(gram, anchor_gram, hp: _Hyper):
+def _gram_delta(gram, hp: _Hyper):
+    """The regulariser of ``gram``: ``δ``, or with normalised Grams ``max(δ, relative_delta·
+    tr(gram)/r)`` (:func:`~lowrank_optax.riemannian.relative_gram_delta`)."""
+    return relative_gram_delta(gram, hp.delta, hp.relative_delta) if hp.normalize else hp.delta
+
+
+def _normalization(gram, delta, anchor_gram, hp: _Hyper):
     """Factors of the preconditioned gradient and of the transported moment: ``(1, 1)``, or with
     normalised Grams ``(s, s / s_anchor)`` (a moment of ``s·ĝ`` is moved to the current ``s``)."""
     if not hp.normalize:
         return 1.0, 1.0
-    s, s_anchor = gram_scale(gram, hp.delta), gram_scale(anchor_gram, hp.delta)
+    s, s_anchor = gram_scale(gram, delta), gram_scale(anchor_gram, _gram_delta(anchor_gram, hp))
     # A zero anchor (no step of this factor yet) transports nothing: its cross-Gram is zero.
     return s, jnp.where(s_anchor > 0, s / jnp.where(s_anchor > 0, s_anchor, 1.0), 0.0)
 
 
 def _a_step(g, p, mu, nu, anchor, k, hp: _Hyper):
     gram = linalg.gram_b(p.b)
-    pre_factor, moment_factor = _normalization(gram, linalg.gram_b(anchor.b), hp)
-    pre = pre_factor * linalg.solve_spd_right(g.a, gram, hp.delta) / hp.scale**2
-    transported = moment_factor * linalg.solve_spd_right(mu.a @ (anchor.b @ p.b.T), gram,
-                                                         hp.delta)
+    delta = _gram_delta(gram, hp)
+    pre_factor, moment_factor = _normalization(gram, delta, linalg.gram_b(anchor.b), hp)
+    pre = pre_factor * linalg.solve_spd_right(g.a, gram, delta) / hp.scale**2
+    transported = moment_factor * linalg.solve_spd_right(mu.a @ (anchor.b @ p.b.T), gram, delta)
     nu_a = None if nu is None else nu.a
     direction, new_mu, new_nu = _moment_step(pre, mu.a, nu_a, transported, k, hp)
     return _with_decay(direction, p.a, hp), new_mu, new_nu
@@ -170,9 +177,10 @@ def _a_step(g, p, mu, nu, anchor, k, hp: _Hyper):
 
 def _b_step(g, a, b, mu, nu, anchor, k, hp: _Hyper):
     gram = linalg.gram_a(a)
-    pre_factor, moment_factor = _normalization(gram, linalg.gram_a(anchor.a), hp)
-    pre = pre_factor * linalg.solve_spd(gram, g.b, hp.delta) / hp.scale**2
-    transported = moment_factor * linalg.solve_spd(gram, (a.T @ anchor.a) @ mu.b, hp.delta)
+    delta = _gram_delta(gram, hp)
+    pre_factor, moment_factor = _normalization(gram, delta, linalg.gram_a(anchor.a), hp)
+    pre = pre_factor * linalg.solve_spd(gram, g.b, delta) / hp.scale**2
+    transported = moment_factor * linalg.solve_spd(gram, (a.T @ anchor.a) @ mu.b, delta)
     nu_b = None if nu is None else nu.b
     direction, new_mu, new_nu = _moment_step(pre, mu.b, nu_b, transported, k, hp)
     return _with_decay(direction, b, hp), new_mu, new_nu
@@ -232,6 +240,7 @@ def scale_by_altlora(
     joint: bool = False,
     reference_code: bool = False,
     normalize_grams: bool = True,
+    relative_delta: float = ROBUST_RELATIVE_DELTA,
     learning_rate: optax.ScalarOrSchedule | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
@@ -261,8 +270,12 @@ def scale_by_altlora(
     the anchor). As in :func:`lowrank_optax.scaled_adamw` this removes the ``1/‖b‖²`` size of
     the preconditioner, which from ``b = 0`` under a warm-up fills ``v`` with a transient
     hundreds of times larger than the later ``ĝa`` (issue-12 toy: relative loss 0.44 without,
-    see ``docs/methods/altlora.md``); the elementwise Adam ratio removes constant factors, so
-    nothing else changes. ``normalize_grams=False`` is the official rule. AltLoRA (no second
+    see ``docs/methods/altlora.md``); the elementwise Adam ratio removes constant factors. Each
+    Gram is also regularised relative to its size, by ``max(δ, relative_delta·tr(Gram)/r)``
+    (:func:`~lowrank_optax.riemannian.relative_gram_delta`): with more adapter rank than the fit
+    needs, an absolute ``δ`` inverts the Gram's near-null directions and the run stalls or
+    rises (rank-1 target, r = 4: relative loss 5.5e-4 at step 100, 1.8e-2 at step 800).
+    ``normalize_grams=False`` is the official rule. AltLoRA (no second
     moment) never normalises: there the Gram's scale is the step size.
 
     **Joint mode** (``joint=True``) reproduces the official code's default (``alt=False``):
@@ -300,6 +313,8 @@ def scale_by_altlora(
         it implies the official, un-normalised Grams.
       normalize_grams: AltLoRA+'s robust start (above); default True. Ignored without
         ``second_moment``.
+      relative_delta: the robust start's Gram regulariser relative to the mean eigenvalue
+        (``≥ 0``), default 1e-2; used only with ``normalize_grams``.
       learning_rate: float or schedule; required by ``joint=True`` only.
       keys: mapping keys of the factors in the tree.
 
@@ -309,7 +324,7 @@ def scale_by_altlora(
     check_hyperparams("scale_by_altlora", b1=b1, weight_decay=weight_decay, scale=scale,
                       delta=delta, b2=b2, eps=eps, learning_rate=learning_rate,
                       second_moment=second_moment, joint=joint, reference_code=reference_code,
-                      normalize_grams=normalize_grams)
+                      normalize_grams=normalize_grams, relative_delta=relative_delta)
     check_choice("scale_by_altlora", "order", order, _ORDERS)
     if joint and learning_rate is None:
         raise ValueError("scale_by_altlora(joint=True) needs learning_rate to form the new a")
@@ -336,8 +351,8 @@ def scale_by_altlora(
         if joint:
             joint_lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         normalize = normalize_grams and second_moment and not reference_code
-        hp = _Hyper(b1, b2, eps, weight_decay, scale, delta, second_moment, reference_code,
-                    normalize, joint_lr)
+        hp = _Hyper(b1, b2, eps, weight_decay, scale, delta, relative_delta, second_moment,
+                    reference_code, normalize, joint_lr)
 
         moment_trees = (state.mu, state.nu) if second_moment else (state.mu,)
 
@@ -447,6 +462,7 @@ def altlora_plus(
     joint: bool = True,
     reference_code: bool = False,
     normalize_grams: bool = True,
+    relative_delta: float = ROBUST_RELATIVE_DELTA,
     cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
@@ -475,17 +491,19 @@ def altlora_plus(
       order, scale, delta, reference_code, keys: as :func:`altlora` (``order`` only matters
         with ``joint=False``).
       normalize_grams: the robust start (see :func:`scale_by_altlora`); default True.
+      relative_delta: the robust start's relative Gram regulariser (see
+        :func:`scale_by_altlora`), default 1e-2.
     """
     check_hyperparams("altlora_plus", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay, scale=scale, delta=delta, joint=joint,
                       reference_code=reference_code, normalize_grams=normalize_grams,
-                      cross_term_ratio=cross_term_ratio)
+                      relative_delta=relative_delta, cross_term_ratio=cross_term_ratio)
     check_choice("altlora_plus", "order", order, _ORDERS)
     return with_state_check("altlora_plus", optax.chain(
         scale_by_altlora(b1, weight_decay, order=order, scale=scale, delta=delta,
                          second_moment=True, b2=b2, eps=eps, joint=joint,
                          reference_code=reference_code, normalize_grams=normalize_grams,
-                         learning_rate=learning_rate, keys=keys),
+                         relative_delta=relative_delta, learning_rate=learning_rate, keys=keys),
         optax.scale_by_learning_rate(learning_rate),
         maybe_clip_cross_term(cross_term_ratio, keys),
     ), keys)

@@ -47,7 +47,9 @@ from lowrank_optax.pairs import (
 from lowrank_optax.validation import check_hyperparams, with_state_check
 
 __all__ = [
+    "ROBUST_RELATIVE_DELTA",
     "gram_scale",
+    "relative_gram_delta",
     "precondition_pair",
     "scale_by_riemannian_precond",
     "scale_by_scaled_adam",
@@ -56,34 +58,70 @@ __all__ = [
 ]
 
 
+def _mean_eigenvalue(gram: jax.Array) -> jax.Array:
+    return jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None] / gram.shape[-1]
+
+
 def gram_scale(gram: jax.Array, delta: float | jax.Array) -> jax.Array:
-    """Mean eigenvalue of ``gram + δI``, ``tr(gram)/r + δ``, shaped ``(..., 1, 1)``.
+    """Mean eigenvalue of ``gram + δI``, ``tr(gram)/r + δ``, shaped ``(..., 1, 1)`` (``δ`` a
+    scalar or shaped ``(..., 1, 1)``).
 
     Dividing a Gram by it keeps the Gram's shape (its conditioning, its eigenvectors) and removes
     its size; ``δ > 0`` keeps it positive at a zero factor.
     """
-    r = gram.shape[-1]
-    return (jnp.trace(gram, axis1=-2, axis2=-1) / r + delta)[..., None, None]
+    return _mean_eigenvalue(gram) + delta
+
+
+ROBUST_RELATIVE_DELTA = 1e-2
+"""Default ``relative_delta`` of the robust (normalised-Gram) modes: Gram eigenvalues below 1 %
+of the mean are regularised, not inverted (see :func:`relative_gram_delta`)."""
+
+
+def relative_gram_delta(gram: jax.Array, delta: float | jax.Array,
+                        relative_delta: float | jax.Array) -> jax.Array:
+    """``max(δ, relative_delta·tr(gram)/r)``, shaped ``(..., 1, 1)``: the regulariser of the
+    robust modes, the larger of the absolute ``δ`` and a fraction of the mean eigenvalue.
+
+    When the adapter has more rank than the fit needs, the Gram of a converging factor has
+    eigenvalues far below its mean. An absolute ``δ = 1e-6`` inverts them: the preconditioned
+    gradient along those directions is up to ``1/(2√δ) = 500`` times larger than along the used
+    ones, and an elementwise Adam normaliser that follows spreads that noise over every
+    coordinate (rank-1 and rank-2 targets with ``r = 4 … 16``: scaled AdamW stalled at 1e-2
+    of the start loss where AdamW reaches 1e-7; AltLoRA+ rose from 5e-4 to 2e-2). Relative
+    to the mean, the amplification is at most ``1/(2√relative_delta)`` = 5 times the used
+    directions' at the default ``1e-2``, whatever the factors' scale.
+    """
+    return jnp.maximum(jnp.asarray(delta, gram.dtype), relative_delta * _mean_eigenvalue(gram))
 
 
 def precondition_pair(
-    g: LoRAPair, p: LoRAPair, delta: float | jax.Array, normalize_grams: bool = False
+    g: LoRAPair, p: LoRAPair, delta: float | jax.Array, normalize_grams: bool = False,
+    relative_delta: float | jax.Array = 0.0,
 ) -> LoRAPair:
     """``(∇a (b bᵀ + δI)⁻¹, (aᵀa + δI)⁻¹ ∇b)`` for one 2-D pair (or a batch of pairs).
 
-    With ``normalize_grams`` each Gram is first divided by its mean eigenvalue
-    (:func:`gram_scale`): ``(∇a ((b bᵀ + δI)/s_b)⁻¹, ((aᵀa + δI)/s_a)⁻¹ ∇b)``.
+    With ``normalize_grams`` each Gram is regularised by :func:`relative_gram_delta`
+    (``δ_b = max(δ, relative_delta·tr(b bᵀ)/r)``, likewise ``δ_a``) and divided by its mean
+    eigenvalue (:func:`gram_scale`): ``(∇a ((b bᵀ + δ_b I)/s_b)⁻¹, ((aᵀa + δ_a I)/s_a)⁻¹ ∇b)``.
     """
     gram_a, gram_b = linalg.gram_a(p.a), linalg.gram_b(p.b)
-    pre_a = linalg.solve_spd_right(g.a, gram_b, delta)
-    pre_b = linalg.solve_spd(gram_a, g.b, delta)
+    delta_a = delta_b = delta
     if normalize_grams:
-        pre_a, pre_b = pre_a * gram_scale(gram_b, delta), pre_b * gram_scale(gram_a, delta)
+        delta_a = relative_gram_delta(gram_a, delta, relative_delta)
+        delta_b = relative_gram_delta(gram_b, delta, relative_delta)
+    pre_a = linalg.solve_spd_right(g.a, gram_b, delta_b)
+    pre_b = linalg.solve_spd(gram_a, g.b, delta_a)
+    if normalize_grams:
+        pre_a, pre_b = pre_a * gram_scale(gram_b, delta_b), pre_b * gram_scale(gram_a, delta_a)
     return LoRAPair(pre_a, pre_b)
 
 
 def scale_by_riemannian_precond(
-    delta: float = 1e-6, *, normalize_grams: bool = False, keys: PairKeys = DEFAULT_KEYS
+    delta: float = 1e-6,
+    *,
+    normalize_grams: bool = False,
+    relative_delta: float = ROBUST_RELATIVE_DELTA,
+    keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """Preconditions each factor gradient with the r×r Gram of the other factor.
 
@@ -103,16 +141,21 @@ def scale_by_riemannian_precond(
       normalize_grams: divide each Gram by its mean eigenvalue before inverting (see
         :func:`precondition_pair`); the direction is then ``s_b·u_a``, ``s_a·u_b``. Default
         False (the paper's rule); meant for an Adam that follows (:func:`scale_by_scaled_adam`).
+      relative_delta: with ``normalize_grams`` only, each Gram is regularised by
+        ``max(δ, relative_delta·tr(G)/r)`` (:func:`relative_gram_delta`). Default 1e-2: Gram
+        directions below 1 % of the mean eigenvalue (the rank the fit does not use) are damped,
+        not inverted. ``0`` leaves ``δ`` alone.
       keys: mapping keys of the factors in the tree.
 
     Returns:
       An ``optax.GradientTransformation`` (stateless; needs ``params`` in ``update``).
     """
-    check_hyperparams("scale_by_riemannian_precond", delta=delta, normalize_grams=normalize_grams)
+    check_hyperparams("scale_by_riemannian_precond", delta=delta, normalize_grams=normalize_grams,
+                      relative_delta=relative_delta)
 
     return with_state_check("scale_by_riemannian_precond", pair_map_transformation(
         "scale_by_riemannian_precond",
-        lambda g, p: precondition_pair(g, p, delta, normalize_grams), keys), keys)
+        lambda g, p: precondition_pair(g, p, delta, normalize_grams, relative_delta), keys), keys)
 
 
 def scaled_sgd(
@@ -167,6 +210,7 @@ def scale_by_scaled_adam(
     delta: float = 1e-6,
     *,
     normalize_grams: bool = True,
+    relative_delta: float = ROBUST_RELATIVE_DELTA,
     mu_dtype: Any = None,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
@@ -195,14 +239,17 @@ def scale_by_scaled_adam(
       delta: Gram regulariser ``≥ 0``, default 1e-6 (paper's GPT-2 setting).
       normalize_grams: normalise each Gram by its mean eigenvalue (default True, the robust
         start); False is the paper's exact rule.
+      relative_delta: with ``normalize_grams``, the Gram regulariser relative to its mean
+        eigenvalue, default 1e-2 (see :func:`relative_gram_delta`); ignored by the paper's rule.
       mu_dtype: dtype of the first moment (``optax.scale_by_adam``'s).
       keys: mapping keys of the factors in the tree.
     """
     check_hyperparams("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, delta=delta,
-                      normalize_grams=normalize_grams)
+                      normalize_grams=normalize_grams, relative_delta=relative_delta)
     return with_state_check("scale_by_scaled_adam", keep_update_dtypes(
         optax.chain(
-            scale_by_riemannian_precond(delta, normalize_grams=normalize_grams, keys=keys),
+            scale_by_riemannian_precond(delta, normalize_grams=normalize_grams,
+                                        relative_delta=relative_delta, keys=keys),
             optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
         )
     ), keys)
@@ -217,6 +264,7 @@ def scaled_adamw(
     delta: float = 1e-6,
     *,
     normalize_grams: bool = True,
+    relative_delta: float = ROBUST_RELATIVE_DELTA,
     mu_dtype: Any = None,
     cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
@@ -236,6 +284,8 @@ def scaled_adamw(
       weight_decay: decoupled weight decay coefficient ``≥ 0``.
       delta: Gram regulariser ``≥ 0`` (see :func:`scale_by_riemannian_precond`).
       normalize_grams: default True (robust start); False gives the paper's exact rule.
+      relative_delta: with ``normalize_grams``, the Gram regulariser relative to its mean
+        eigenvalue, default 1e-2 (see :func:`relative_gram_delta`).
       mu_dtype: dtype of the first moment.
       cross_term_ratio: ``ρ > 0`` of :func:`~lowrank_optax.clip_cross_term`, applied to the
         step after the learning rate, or ``None`` (default, the method's own step): no hard
@@ -244,10 +294,10 @@ def scaled_adamw(
     """
     check_hyperparams("scaled_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay, delta=delta, normalize_grams=normalize_grams,
-                      cross_term_ratio=cross_term_ratio)
+                      relative_delta=relative_delta, cross_term_ratio=cross_term_ratio)
     return with_state_check("scaled_adamw", optax.chain(
         scale_by_scaled_adam(b1, b2, eps, delta, normalize_grams=normalize_grams,
-                             mu_dtype=mu_dtype, keys=keys),
+                             relative_delta=relative_delta, mu_dtype=mu_dtype, keys=keys),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
         maybe_clip_cross_term(cross_term_ratio, keys),

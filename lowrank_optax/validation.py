@@ -76,6 +76,7 @@ RANGES: dict[str, Interval] = {
     "b2": DECAY,
     "eps": NONNEGATIVE,
     "delta": NONNEGATIVE,
+    "relative_delta": NONNEGATIVE,
     "weight_decay": NONNEGATIVE,
     "scale": POSITIVE,
     "ratio": POSITIVE,

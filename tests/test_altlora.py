@@ -47,13 +47,18 @@ def _transcribe(big_a, big_b, full_grad, steps, lr, *, b1=0.9, wd=0.0, s=1.0, de
     """Algorithm 1 in paper notation (Theorem 2 transport); AltLoRA+ as the official code with
     both moments Adam-bias-corrected by the factor's own update count and, with ``normalize``
     (the library default), each preconditioned gradient times the mean eigenvalue of the Gram
-    it inverts and the transported moment times the ratio of that to the anchor's."""
+    it inverts and the transported moment times the ratio of that to the anchor's; there each
+    Gram is regularised by max(δ, 10⁻²·tr(Gram)/r)."""
     eye = np.eye(R)
+    relative = 1e-2 if plus and normalize else 0.0
+
+    def damped(gram):
+        return gram + max(delta, relative * np.trace(gram) / R) * eye
 
     def scales(gram, anchor_gram):
         if not (plus and normalize):
             return 1.0, 1.0
-        s_now, s_anchor = np.trace(gram) / R + delta, np.trace(anchor_gram) / R + delta
+        s_now, s_anchor = np.trace(damped(gram)) / R, np.trace(damped(anchor_gram)) / R
         return s_now, (s_now / s_anchor if s_anchor > 0 else 0.0)
 
     m_a, m_b = np.zeros_like(big_a), np.zeros_like(big_b)
@@ -67,7 +72,7 @@ def _transcribe(big_a, big_b, full_grad, steps, lr, *, b1=0.9, wd=0.0, s=1.0, de
         new_a = big_a
         if joint or a_turn:
             count_a += 1
-            p_a = np.linalg.inv(big_b.T @ big_b + delta * eye)
+            p_a = np.linalg.inv(damped(big_b.T @ big_b))
             pre, moment = scales(big_b.T @ big_b, b_prev.T @ b_prev)
             g_t = pre * p_a @ grad_a / s**2
             transported = moment * p_a @ big_b.T @ b_prev @ m_a
@@ -83,7 +88,7 @@ def _transcribe(big_a, big_b, full_grad, steps, lr, *, b1=0.9, wd=0.0, s=1.0, de
             b_prev = big_b
         if joint or not a_turn:
             count_b += 1
-            p_b = np.linalg.inv(new_a @ new_a.T + delta * eye)
+            p_b = np.linalg.inv(damped(new_a @ new_a.T))
             pre, moment = scales(new_a @ new_a.T, a_prev @ a_prev.T)
             g_t = pre * grad_b @ p_b / s**2
             transported = moment * m_b @ a_prev @ new_a.T @ p_b

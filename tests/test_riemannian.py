@@ -68,14 +68,20 @@ def test_scaled_gd_matches_algorithm_2_transcription():
 
 @pytest.mark.parametrize("normalize_grams", [False, True], ids=["paper", "normalized"])
 def test_scaled_adamw_matches_algorithm_1_transcription(normalize_grams):
-    # normalize_grams=False is Algorithm 1 as printed; True (the default) multiplies each
-    # preconditioned gradient by the mean eigenvalue of the Gram it inverts.
+    # normalize_grams=False is Algorithm 1 as printed; True (the default) regularises each Gram
+    # by max(δ, 10⁻²·tr(Gram)/r) and multiplies each preconditioned gradient by the mean
+    # eigenvalue of the regularised Gram it inverts.
     lr, b1, b2, eps, delta, wd = 0.01, 0.9, 0.999, 1e-8, 1e-6, 0.01
+    relative = 1e-2 if normalize_grams else 0.0
     big_a, big_b, paper_grads, loss, params = _problem(1)
     m_a, v_a, m_b, v_b = 0.0, 0.0, 0.0, 0.0
+
+    def damped(gram):
+        return gram + max(delta, relative * np.trace(gram) / R) * np.eye(R)
+
     for t in range(1, 6):
         d_a, d_b = paper_grads(big_a, big_b)
-        gram_b, gram_a = big_b.T @ big_b + delta * np.eye(R), big_a @ big_a.T + delta * np.eye(R)
+        gram_b, gram_a = damped(big_b.T @ big_b), damped(big_a @ big_a.T)
         d_a_scaled = np.linalg.inv(gram_b) @ d_a
         d_b_scaled = d_b @ np.linalg.inv(gram_a)
         if normalize_grams:
