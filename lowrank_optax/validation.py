@@ -95,7 +95,7 @@ RANGES: dict[str, Interval] = {
 # truthy, so anything but a bool is refused rather than read as True.
 FLAGS = frozenset({"apply_escape", "balance", "bias_correction", "full_state", "joint",
                    "low_memory", "normalize_grams", "reference_code",
-                   "riemannian_second_moment", "second_moment"})
+                   "riemannian_second_moment", "second_moment", "transport_moment"})
 
 
 def _static_number(value: Any) -> bool:

@@ -126,7 +126,10 @@ def test_inject_hyperparams_matches(method: Method):
     direct, _ = _run_steps(_tx(method.name), params, 5)
     tx = optax.inject_hyperparams(method.factory)(method.learning_rate, **method.kwargs)
     injected, _ = _run_steps(tx, params, 5)
-    chex.assert_trees_all_close(direct, injected, rtol=1e-5, atol=1e-6)
+    # Two differently compiled float32 programs: adams_low_memory divides its rebuilt moment by
+    # √v, which amplifies their rounding differences (1.5e-6 seen); a hyperparameter that does
+    # not reach the update changes it by ~lr·|u| ≥ 1e-3.
+    chex.assert_trees_all_close(direct, injected, rtol=1e-5, atol=1e-5)
     if not method.linear_in_lr:
         return
     state = tx.init(params)
