@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from methods import BY_NAME, METHODS, Method
+from methods import METHODS, Method
 from problems import factorization_loss, factorization_target, lora_params, train
 
 # Methods without an adaptive (second-moment or metric) normalisation: their step size is the
@@ -171,24 +171,44 @@ def test_float16_params_give_float16_updates(method: Method):
 
 # (m, n, r, rank of the target): a rank-1 fit at r = 4 and a rank-2 fit at r = 8, from b = 0.
 OVER_PARAMETERISED = [(16, 12, 4, 1), (64, 48, 8, 2)]
+ADAMW = Method("adamw", lambda lr: optax.adamw(lr, weight_decay=0.0), 0.03)
+# Methods whose fit must reach AdamW's order (below 1e-3 of the start loss). Near the solution
+# the factors' Grams have near-null directions (the rank the fit does not use), and a factor's
+# QR basis is arbitrary there. Before: with an absolute δ = 1e-6 the normalised-Gram modes
+# inverted those directions (scaled_adamw stalled at 9e-3 / 6e-3 of the start loss,
+# altlora_plus at 3e-2 / 4e-2); adams(low_memory=True) read its moment in bases that had
+# changed (1e-2 / 8e-2). AdamW: 3e-7 / 2e-4. Every other method must get below 1e-1.
+FIT_TO_ADAMW = {"adamw", "scaled_adamw", "altlora_plus", "lora_pro_adamw_factor",
+                "adams_low_memory"}
+_LRACS_OVER_PARAMETERISED = (
+    "lracs at the registry's lr 0.03 rises to 57 times the start loss at 64×48, r = 8: X̃ has "
+    "unit-size entries whatever the shape and the first step is not bias-corrected, so the "
+    "first step is ~10·lr per entry of W against target entries of ~0.05; at smaller rates "
+    "the loss rises again after ~100 steps (docs/methods/lora_s.md)")
+OVER_PARAMETERISED_FAILURES = {("lracs", (64, 48, 8, 2)): _LRACS_OVER_PARAMETERISED}
 
 
-@pytest.mark.parametrize("shape", OVER_PARAMETERISED, ids="{0[0]}x{0[1]}-r{0[2]}-rank{0[3]}".format)
-@pytest.mark.parametrize("name", ["adamw", "scaled_adamw", "altlora_plus", "lora_pro_adamw_factor",
-                                  "adams_low_memory"])
-def test_fits_a_target_of_lower_rank_than_the_adapter(name: str, shape: tuple):
-    # Near the solution the factors' Grams have near-null directions (the rank the fit does not
-    # use), and a factor's QR basis is arbitrary there. Before: with an absolute δ = 1e-6 the
-    # normalised-Gram modes inverted those directions (scaled_adamw stalled at 9e-3 / 6e-3 of
-    # the start loss, altlora_plus at 3e-2 / 4e-2); adams(low_memory=True) read its moment in
-    # bases that had changed (1e-2 / 8e-2). AdamW: 3e-7 / 2e-4.
+def _over_parameterised_cases():
+    for method in [ADAMW, *METHODS]:
+        for shape in OVER_PARAMETERISED:
+            reason = OVER_PARAMETERISED_FAILURES.get((method.name, shape))
+            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+            yield pytest.param(method, shape, marks=marks,
+                               id="{}-{}x{}-r{}-rank{}".format(method.name, *shape))
+
+
+@pytest.mark.parametrize(("method", "shape"), _over_parameterised_cases())
+def test_fits_a_target_of_lower_rank_than_the_adapter(method: Method, shape: tuple):
     m, n, r, rank = shape
-    method = Method("adamw", lambda lr: optax.adamw(lr, weight_decay=0.0), 0.03) \
-        if name == "adamw" else BY_NAME[name]
     tx = method.make()
+
+    @jax.jit
+    def relative_loss(params, target):
+        history = train(tx, params, factorization_loss(target), 300)[1]
+        return history[-1] / history[0]
+
+    bar = 1e-3 if method.name in FIT_TO_ADAMW else 1e-1
     for seed in (0, 1):
-        loss = factorization_loss(factorization_target(seed=seed, m=m, n=n, rank=rank))
-        _, history = jax.jit(functools.partial(train, tx, loss=loss, steps=300))(
-            lora_params(seed=seed + 1, m=m, n=n, rank=r))
-        history = np.asarray(history)
-        assert history[-1] < 1e-3 * history[0], (seed, history[-1] / history[0])
+        target = jnp.asarray(factorization_target(seed=seed, m=m, n=n, rank=rank), jnp.float32)
+        relative = float(relative_loss(lora_params(seed=seed + 1, m=m, n=n, rank=r), target))
+        assert np.isfinite(relative) and relative < bar, (seed, relative)
