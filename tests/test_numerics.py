@@ -154,7 +154,7 @@ def _hard_cases():
             yield pytest.param(method, start, marks=marks, id=f"{start}-{method.name}")
 
 
-@pytest.mark.parametrize(("method", "start"), _hard_cases())
+@pytest.mark.parametrize(("method", "start"), list(_hard_cases()))
 def test_hard_start_finite_and_loss_down(method: Method, start: str):
     history = _hard_run(method.name)[0][start]
     assert np.all(np.isfinite(history)), f"non-finite from step {np.argmin(np.isfinite(history))}"
@@ -197,7 +197,7 @@ def _over_parameterised_cases():
                                id="{}-{}x{}-r{}-rank{}".format(method.name, *shape))
 
 
-@pytest.mark.parametrize(("method", "shape"), _over_parameterised_cases())
+@pytest.mark.parametrize(("method", "shape"), list(_over_parameterised_cases()))
 def test_fits_a_target_of_lower_rank_than_the_adapter(method: Method, shape: tuple):
     m, n, r, rank = shape
     tx = method.make()
