@@ -37,6 +37,7 @@ __all__ = [
     "gram_a",
     "gram_b",
     "mT",
+    "mean_eigenvalue",
     "pinv",
     "project_tangent",
     "qr",
@@ -105,6 +106,12 @@ def gram_b(b: jax.Array) -> jax.Array:
     return jnp.einsum("...rn,...sn->...rs", b, b)
 
 
+def mean_eigenvalue(s: jax.Array) -> jax.Array:
+    """``|tr(s)|/r`` of square ``s`` (batch axes allowed), shaped ``(..., 1, 1)``: the scale of a
+    Gram, unchanged by an orthogonal change of basis."""
+    return jnp.abs(jnp.trace(s, axis1=-2, axis2=-1))[..., None, None] / s.shape[-1]
+
+
 def max_abs_scale(*arrays: jax.Array) -> jax.Array:
     """``max|x|`` over all entries of the arrays, or 1 if they are all zero: a scalar to divide
     them by before forming squares that would under- or overflow (call it per pair)."""
@@ -120,8 +127,7 @@ def _floor(s: jax.Array, relative: float = RELATIVE_FLOOR) -> jax.Array:
     """``max(relative·eps·tr(s)/r, eps²)``, shape ``(..., 1, 1)``: by default the Gram-relative
     and absolute floors of :func:`damping`; with ``SINGULAR_LEVEL``, the singular level."""
     eps = _eps(s.dtype)
-    mean = jnp.abs(jnp.trace(s, axis1=-2, axis2=-1))[..., None, None] / s.shape[-1]
-    return jnp.maximum(relative * eps * mean, eps * eps)
+    return jnp.maximum(relative * eps * mean_eigenvalue(s), eps * eps)
 
 
 def damping(gram: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:

@@ -275,6 +275,17 @@ def _from_tangent_coords(c: TangentMoment, u: jax.Array, v: jax.Array) -> jax.Ar
     return (u @ c.core + c.left) @ mT(v) + u @ c.right
 
 
+def _transported(c: TangentMoment, u: jax.Array, v: jax.Array) -> TangentMoment:
+    """Coordinates in the bases ``u``, ``v`` of the moment that ``c`` holds in its own bases
+    (``basis_u``, ``basis_v``): ``_tangent_coords`` of ``m = P Qᵀ``, ``P = [U c + left, U]``,
+    ``Q = [V, rightᵀ]``, in ``O((m + n) r²)`` without forming ``m``."""
+    p = jnp.concatenate([c.basis_u @ c.core + c.left, c.basis_u], axis=-1)
+    q = jnp.concatenate([c.basis_v, mT(c.right)], axis=-1)
+    u_p, q_v = mT(u) @ p, mT(q) @ v
+    core = u_p @ q_v
+    return TangentMoment(core, p @ q_v - u @ core, u_p @ mT(q) - core @ mT(v))
+
+
 def _tangent_moment_zeros(p: LoRAPair, transport: bool) -> TangentMoment:
     (m, r), n = p.a.shape, p.b.shape[-1]
     shapes = ((r, r), (m, r), (r, n)) + (((m, r), (n, r)) if transport else ())
@@ -387,7 +398,7 @@ def scale_by_adams(
             return mu, mu
         u, v = _orthonormal_basis(p.a), _orthonormal_basis(mT(p.b))
         if transport_moment:
-            mu = _tangent_coords(_from_tangent_coords(mu, mu.basis_u, mu.basis_v), u, v)
+            mu = _transported(mu, u, v)
         mu = _ema(b1, mu, _tangent_coords(x, u, v))
         return (mu._replace(basis_u=u, basis_v=v) if transport_moment else mu,
                 _from_tangent_coords(mu, u, v))

@@ -58,10 +58,6 @@ __all__ = [
 ]
 
 
-def _mean_eigenvalue(gram: jax.Array) -> jax.Array:
-    return jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None] / gram.shape[-1]
-
-
 def gram_scale(gram: jax.Array, delta: float | jax.Array) -> jax.Array:
     """Mean eigenvalue of ``gram + δI``, ``tr(gram)/r + δ``, shaped ``(..., 1, 1)`` (``δ`` a
     scalar or shaped ``(..., 1, 1)``).
@@ -69,7 +65,7 @@ def gram_scale(gram: jax.Array, delta: float | jax.Array) -> jax.Array:
     Dividing a Gram by it keeps the Gram's shape (its conditioning, its eigenvectors) and removes
     its size; ``δ > 0`` keeps it positive at a zero factor.
     """
-    return _mean_eigenvalue(gram) + delta
+    return linalg.mean_eigenvalue(gram) + delta
 
 
 ROBUST_RELATIVE_DELTA = 1e-2
@@ -91,7 +87,8 @@ def relative_gram_delta(gram: jax.Array, delta: float | jax.Array,
     to the mean, the amplification is at most ``1/(2√relative_delta)`` = 5 times the used
     directions' at the default ``1e-2``, whatever the factors' scale.
     """
-    return jnp.maximum(jnp.asarray(delta, gram.dtype), relative_delta * _mean_eigenvalue(gram))
+    relative = relative_delta * linalg.mean_eigenvalue(gram)
+    return jnp.maximum(jnp.asarray(delta, gram.dtype), relative)
 
 
 def precondition_pair(
