@@ -34,6 +34,7 @@ __all__ = [
     "damping",
     "eigh",
     "eigvalsh",
+    "floor_eigenvalues",
     "gram_a",
     "gram_b",
     "mT",
@@ -149,6 +150,19 @@ def damping(gram: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
 def regularize(s: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
     """``s + damping(s, δ) I`` for square symmetric ``s`` (batch axes allowed)."""
     return s + damping(s, delta) * jnp.eye(s.shape[-1], dtype=s.dtype)
+
+
+def floor_eigenvalues(s: jax.Array, relative: float | jax.Array) -> jax.Array:
+    """``s`` with its eigenvalues raised to at least ``relative·tr(s)/r`` (symmetric ``s``).
+
+    Eigenvalues above the floor are kept, so ``s`` comes back unchanged (to rounding) when its
+    smallest eigenvalue is above it; only the directions below it are lifted. Unlike a shift
+    ``s + c I``, which moves every eigenvalue, the result is a function of ``s``'s near-null
+    directions alone.
+    """
+    w, e = eigh(s)
+    w = jnp.maximum(w, relative * mean_eigenvalue(s)[..., 0])
+    return (e * w[..., None, :]) @ mT(e)
 
 
 def _put_column(x: jax.Array, j: jax.Array, column: jax.Array) -> jax.Array:

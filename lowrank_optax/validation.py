@@ -77,6 +77,7 @@ RANGES: dict[str, Interval] = {
     "eps": NONNEGATIVE,
     "delta": NONNEGATIVE,
     "relative_delta": NONNEGATIVE,
+    "eigenvalue_floor": Interval(0.0, 1.0, high_open=False),
     "weight_decay": NONNEGATIVE,
     "scale": POSITIVE,
     "ratio": POSITIVE,

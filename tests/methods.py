@@ -66,7 +66,7 @@ METHODS: list[Method] = [
     Method("adams_low_memory", lro.adams, 0.03, {"low_memory": True}),
     Method("adams_riemannian_robust", lro.adams, 0.03,
            {"riemannian_second_moment": True, "robust_steps": 20}),
-    Method("lracs", lro.lracs, 0.03),
+    Method("lracs", lro.lracs, 0.01),
     Method("sylvester_lift_adam", _sylvester_lift_adam, 0.03),
     Method("quotient_sgd", lro.quotient_sgd, 0.1, {"robust_steps": 10}),
 ]

@@ -304,6 +304,18 @@ def test_damping_rule():
                                    [3 * eps, 300 * eps], rtol=1e-6)
 
 
+def test_floor_eigenvalues_raises_only_the_eigenvalues_below_the_floor():
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    w = np.array([1e-9, 1e-4, 0.02, 0.5, 1.0, 3.0])  # mean 0.75: floor 7.5e-3 at 1e-2
+    well = np.array([0.02, 0.1, 0.3, 0.5, 1.0, 3.0])  # mean 0.82: every eigenvalue above it
+    with jax.enable_x64(False):
+        both = jnp.asarray(np.stack([(q * w) @ q.T, (q * well) @ q.T]), jnp.float32)
+        got = np.asarray(linalg.floor_eigenvalues(both, 1e-2))
+    np.testing.assert_allclose(got[0], (q * np.maximum(w, 1e-2 * w.mean())) @ q.T, atol=3e-6)
+    np.testing.assert_allclose(got[1], (q * well) @ q.T, atol=3e-6)
+
+
 def test_batched_shapes_match_unbatched():
     s = _spd(5, (2, 3)).astype(np.float32)
     rhs = RNG.normal(size=(2, 3, 5, 4)).astype(np.float32)

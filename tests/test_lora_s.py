@@ -179,6 +179,8 @@ def x64():
 
 
 STEPS = 6
+# The methods' exact rule: no Gram regulariser and no eigenvalue floor (both default on).
+EXACT = {"delta": 0.0, "eigenvalue_floor": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -196,7 +198,7 @@ def test_adams_matches_paper_transcription(x64, options, paper_options):
     a, b, y, c = _problem()
     lr = 0.02
     expected = _paper_adams(a, b, y, c, lr, STEPS, **paper_options)
-    got = _run_library(adams(lr, delta=0.0, **options), a, b, y, c, STEPS)
+    got = _run_library(adams(lr, **EXACT, **options), a, b, y, c, STEPS)
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-11)
     assert np.linalg.norm(got[1] - b) > 1e-2  # the run moved
@@ -204,8 +206,8 @@ def test_adams_matches_paper_transcription(x64, options, paper_options):
 
 def test_low_memory_differs_from_full_moment_after_basis_moves(x64):
     a, b, y, c = _problem()
-    full = _run_library(adams(0.05, delta=0.0), a, b, y, c, STEPS)
-    low = _run_library(adams(0.05, delta=0.0, low_memory=True), a, b, y, c, STEPS)
+    full = _run_library(adams(0.05, **EXACT), a, b, y, c, STEPS)
+    low = _run_library(adams(0.05, **EXACT, low_memory=True), a, b, y, c, STEPS)
     assert np.linalg.norm(full[0] @ full[1] - low[0] @ low[1]) > 1e-6
 
 
@@ -217,8 +219,8 @@ def test_lracs_matches_paper_transcription(x64, b1):
     if b1 == 0.0:
         assert min(etas) < 0.9  # the norm-growth limiter acted
     # The paper's step: the default cross-term clip scales this run's first step by 0.915.
-    got = _run_library(lracs(lr, b1, gamma, eps=0.0, delta=0.0, cross_term_ratio=None), a, b, y,
-                       c, STEPS)
+    paper = lracs(lr, b1, gamma, eps=0.0, bias_correction=False, cross_term_ratio=None, **EXACT)
+    got = _run_library(paper, a, b, y, c, STEPS)
     np.testing.assert_allclose(got[0], m, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(got[1], n, rtol=1e-9, atol=1e-11)
 
@@ -279,6 +281,42 @@ def _tangent_projector_np(a, b, x):
     return u @ u.T @ x + x @ v @ v.T - u @ u.T @ x @ v @ v.T
 
 
+def _floored_np(gram, floor):
+    w, e = np.linalg.eigh(gram)
+    return (e * np.maximum(w, floor * w.mean())) @ e.T
+
+
+def _lift_np(a, b, x, ga, gb):
+    """Algorithm 1 with the Grams given: ``S K + K S = aᵀ x bᵀ`` (``S = ga gb``), then
+    ``u_a = (x bᵀ − a gb K) gb⁻¹`` and ``u_b = ga⁻¹ (aᵀ x − K ga b)``."""
+    s = ga @ gb
+    k = scipy.linalg.solve_sylvester(s, s, a.T @ x @ b.T)
+    return (x @ b.T - a @ gb @ k) @ np.linalg.inv(gb), np.linalg.solve(ga, a.T @ x - k @ ga @ b)
+
+
+def test_eigenvalue_floor_bounds_the_lift_along_near_null_directions_only(x64):
+    rng = np.random.default_rng(5)
+    a, x = rng.normal(size=(M_DIM, RANK)), rng.normal(size=(M_DIM, N_DIM))
+    b = rng.normal(size=(RANK, N_DIM))
+    near_null = b * np.array([[1.0], [1.0], [1e-5]])  # b bᵀ: one eigenvalue ~1e-10 of the mean
+
+    def lift(b, floor):
+        got = horizontal_lift(jnp.asarray(x), LoRAPair(jnp.asarray(a), jnp.asarray(b)), 0.0, floor)
+        return np.asarray(got.a), np.asarray(got.b)
+
+    expected = _lift_np(a, near_null, x, _floored_np(a.T @ a, 1e-2),
+                        _floored_np(near_null @ near_null.T, 1e-2))
+    for got, want in zip(lift(near_null, 1e-2), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    # Without the floor u_a along the near-null direction is ~1/σ = 1e5 times larger.
+    assert np.abs(lift(near_null, 0.0)[0]).max() > 1e3 * np.abs(expected[0]).max()
+    # Every eigenvalue of a well-conditioned pair's Grams is above the floor: the exact lift.
+    assert min(np.linalg.eigvalsh(g).min() / np.trace(g) * RANK
+               for g in (a.T @ a, b @ b.T)) > 1e-2
+    for got, want in zip(lift(b, 1e-2), lift(b, 0.0)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 @given(st.integers(0, 2**31 - 1))
 @settings(max_examples=10, deadline=None)
 def test_lift_is_exact_on_tangent_space_and_horizontal(seed):
@@ -312,7 +350,7 @@ def test_adams_first_step_moves_product_by_projected_sign_of_gradient(x64):
     x_tilde = x / (np.abs(x) + 1e-8)  # Adam's first step: m̂ = X, v̂ = X²
     params = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
     grads = {"lora_a": jnp.asarray(g @ b.T), "lora_b": jnp.asarray(a.T @ g)}
-    tx = scale_by_adams(delta=0.0)
+    tx = scale_by_adams(**EXACT)
     direction, _ = tx.update(grads, tx.init(params), params)
     u_a, u_b = np.asarray(direction["lora_a"]), np.asarray(direction["lora_b"])
     np.testing.assert_allclose(u_a @ b + a @ u_b, _tangent_projector_np(a, b, x_tilde),
@@ -332,12 +370,12 @@ def _adamw():
 
 
 INVARIANT = {
-    "adams": lambda: adams(0.02, delta=0.0),
-    "adams_riemannian": lambda: adams(0.02, delta=0.0, riemannian_second_moment=True),
-    "lracs": lambda: lracs(0.01, delta=0.0),
-    "lift_sgd": lambda: sylvester_lift(optax.sgd(0.01), delta=0.0),
-    "lift_adam": lambda: sylvester_lift(optax.adam(0.02), delta=0.0),
-    "lift_lion": lambda: optax.chain(sylvester_lift(optax.scale_by_lion(), delta=0.0),
+    "adams": lambda: adams(0.02, **EXACT),
+    "adams_riemannian": lambda: adams(0.02, **EXACT, riemannian_second_moment=True),
+    "lracs": lambda: lracs(0.01, **EXACT),
+    "lift_sgd": lambda: sylvester_lift(optax.sgd(0.01), **EXACT),
+    "lift_adam": lambda: sylvester_lift(optax.adam(0.02), **EXACT),
+    "lift_lion": lambda: optax.chain(sylvester_lift(optax.scale_by_lion(), **EXACT),
                                      optax.scale_by_learning_rate(0.01)),
     "quotient_sgd": lambda: quotient_sgd(0.01),
 }
@@ -360,7 +398,7 @@ def test_adamw_is_not_invariant():
 def test_low_memory_paper_rule_is_invariant_under_positive_diagonal_rescaling_only():
     from invariance import random_gl
 
-    make = lambda: adams(0.02, delta=0.0, low_memory=True, transport_moment=False)  # noqa: E731
+    make = lambda: adams(0.02, **EXACT, low_memory=True, transport_moment=False)  # noqa: E731
     assert invariance_residual(make, np.diag([3.0, 0.5, 1.7]), steps=4) < 1e-9
     assert invariance_residual(make, random_gl(1, 3, 5.0), steps=4) > 1e-7
 
@@ -369,7 +407,7 @@ def test_low_memory_transported_moment_is_gl_invariant():
     # The transported moment is a projection of m×n matrices, whichever bases hold it.
     from invariance import random_gl
 
-    make = lambda: adams(0.02, delta=0.0, low_memory=True)  # noqa: E731
+    make = lambda: adams(0.02, **EXACT, low_memory=True)  # noqa: E731
     assert invariance_residual(make, random_gl(1, 3, 5.0), steps=4) < 1e-9
 
 
@@ -479,6 +517,17 @@ def test_lracs_limiter_caps_metric_norm_growth():
             if float(previous_phi[site]) > 0:
                 assert float(state.phi[site]) <= gamma * float(previous_phi[site]) * (1 + 1e-5)
         params = optax.apply_updates(params, jax.tree.map(lambda u: -0.05 * u, direction))
+
+
+def test_lracs_bias_correction_makes_the_first_step_one_tenth_of_algorithm_3s(x64):
+    # X̃ ∝ (m_q m_s)^{-1/2}, the moments start at (1 − b1) of the scales, the lift is linear and
+    # the limiter does not act on step 1: Algorithm 3's first step is 1/(1 − b1) = 10 times.
+    params = lora_params(zero_b=False, dtype=jnp.float64)
+    grads = jax.grad(LOSS)(params)
+    corrected, paper = scale_by_lracs(), scale_by_lracs(bias_correction=False)
+    first = corrected.update(grads, corrected.init(params), params)[0]
+    expected = jax.tree.map(lambda u: 0.1 * u, paper.update(grads, paper.init(params), params)[0])
+    chex.assert_trees_all_close(first, expected, rtol=1e-9)
 
 
 @pytest.mark.parametrize("scale", [1e-15, 1e-6, 1e6, 1e15])
