@@ -152,17 +152,20 @@ def regularize(s: jax.Array, delta: float | jax.Array = 0.0) -> jax.Array:
     return s + damping(s, delta) * jnp.eye(s.shape[-1], dtype=s.dtype)
 
 
-def floor_eigenvalues(s: jax.Array, relative: float | jax.Array) -> jax.Array:
-    """``s`` with its eigenvalues raised to at least ``relative·tr(s)/r`` (symmetric ``s``).
+def floor_eigenvalues(s: jax.Array, relative: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenpairs ``(w, V)`` of symmetric ``s`` (:func:`eigh`) with every eigenvalue raised to
+    at least ``relative·tr(s)/r`` (and to the singular level, as :func:`cholesky`'s pivots, so
+    that ``w > 0`` even for ``relative = 0``); ``V diag(w) Vᵀ`` is the floored matrix.
 
     Eigenvalues above the floor are kept, so ``s`` comes back unchanged (to rounding) when its
     smallest eigenvalue is above it; only the directions below it are lifted. Unlike a shift
-    ``s + c I``, which moves every eigenvalue, the result is a function of ``s``'s near-null
-    directions alone.
+    ``s + c I``, which moves every eigenvalue, the result differs from ``s`` only in its
+    near-null directions. The pairs are returned so that solves with the floored matrix need no
+    second factorisation (:func:`solve_sylvester_gram_product` takes them).
     """
     w, e = eigh(s)
-    w = jnp.maximum(w, relative * mean_eigenvalue(s)[..., 0])
-    return (e * w[..., None, :]) @ mT(e)
+    floor = jnp.maximum(relative * mean_eigenvalue(s), _floor(s, SINGULAR_LEVEL))
+    return jnp.maximum(w, floor[..., 0]), e
 
 
 def _put_column(x: jax.Array, j: jax.Array, column: jax.Array) -> jax.Array:
@@ -485,7 +488,8 @@ def solve_sylvester_spd(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:
     return u @ jnp.where(live, coeffs / jnp.where(live, denom, 1.0), 0.0) @ mT(v)
 
 
-def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array) -> jax.Array:
+def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array,
+                                 eig_a: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Solves ``S K + K S = c`` for ``S = ga @ gb``, the product of two SPD r×r matrices.
 
     This is the Sylvester equation (9) of LoRA-S (``ga = MᵀM``, ``gb = NᵀN``). ``S`` is not
@@ -494,9 +498,11 @@ def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array) -> 
     equation is diagonal: ``K = T [(T⁻¹ c T)_ij / (λ_i + λ_j)] T⁻¹``. ``ga`` must be
     positive definite (:func:`regularize` it for rank-deficient factors); its eigenvalues are
     floored at its singular level, and sums ``λ_i + λ_j`` at most twice ``H``'s singular level
-    give zero components, as in :func:`solve_sylvester_spd`.
+    give zero components, as in :func:`solve_sylvester_spd`. ``eig_a``: ``ga``'s eigenpairs
+    ``(w, V)`` when the caller has them (:func:`floor_eigenvalues`), instead of a new
+    :func:`eigh`.
     """
-    w, e = eigh(ga)
+    w, e = eigh(ga) if eig_a is None else eig_a
     w = jnp.maximum(w, _floor(ga, SINGULAR_LEVEL)[..., 0])
     sqrt_ga = (e * jnp.sqrt(w)[..., None, :]) @ mT(e)
     inv_sqrt_ga = (e / jnp.sqrt(w)[..., None, :]) @ mT(e)

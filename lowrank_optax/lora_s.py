@@ -101,28 +101,63 @@ def horizontal_lift(x: jax.Array, p: LoRAPair, delta: float | jax.Array,
     return _lift_of_products(mT(p.a) @ x, x @ mT(p.b), p, _lift_grams(p, delta, eigenvalue_floor))
 
 
+class _LiftGrams(NamedTuple):
+    """The Grams the lift and its metric solve with: ``a = aᵀa + δ'I``, ``b = b bᵀ + δ'I``
+    (``δ'`` of :func:`~lowrank_optax.linalg.damping`) and, when floored, their floored
+    eigenpairs ``(w, V)`` (``a``, ``b`` are then ``V diag(w) Vᵀ``), through which they are
+    inverted; without a floor, Cholesky solves."""
+
+    a: jax.Array
+    b: jax.Array
+    eig_a: tuple[jax.Array, jax.Array] | None = None
+    eig_b: tuple[jax.Array, jax.Array] | None = None
+
+
+def _solve(gram: jax.Array, eig: tuple[jax.Array, jax.Array] | None, rhs: jax.Array) -> jax.Array:
+    """``gram⁻¹ rhs``: through the floored eigenpairs when there are, else by Cholesky."""
+    if eig is None:
+        return linalg.solve_spd(gram, rhs)
+    w, e = eig
+    return e @ ((mT(e) @ rhs) / w[..., :, None])
+
+
+def _solve_right(lhs: jax.Array, gram: jax.Array,
+                 eig: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """``lhs gram⁻¹`` (:func:`_solve` from the right)."""
+    if eig is None:
+        return linalg.solve_spd_right(lhs, gram)
+    w, e = eig
+    return ((lhs @ e) / w[..., None, :]) @ mT(e)
+
+
 def _lift_grams(p: LoRAPair, delta: float | jax.Array,
-                eigenvalue_floor: float | jax.Array = 0.0) -> tuple[jax.Array, jax.Array]:
-    """The Grams ``(aᵀa + δ'I, b bᵀ + δ'I)`` the lift and its metric use (``δ'`` of
-    :func:`~lowrank_optax.linalg.damping`), each with its eigenvalues floored at
-    ``eigenvalue_floor·tr/r`` (:func:`~lowrank_optax.linalg.floor_eigenvalues`) unless the
-    floor is the literal ``0`` (no eigendecomposition then)."""
-    grams = (linalg.regularize(linalg.gram_a(p.a), delta),
-             linalg.regularize(linalg.gram_b(p.b), delta))
+                eigenvalue_floor: float | jax.Array = 0.0) -> _LiftGrams:
+    """The lift's Grams, each with its eigenvalues floored at ``eigenvalue_floor·tr/r``
+    (:func:`~lowrank_optax.linalg.floor_eigenvalues`) unless the floor is the literal ``0``
+    (no eigendecomposition then)."""
+    ga = linalg.regularize(linalg.gram_a(p.a), delta)
+    gb = linalg.regularize(linalg.gram_b(p.b), delta)
     if isinstance(eigenvalue_floor, (int, float)) and eigenvalue_floor == 0:
-        return grams
-    return tuple(linalg.floor_eigenvalues(g, eigenvalue_floor) for g in grams)
+        return _LiftGrams(ga, gb)
+    eig_a = linalg.floor_eigenvalues(ga, eigenvalue_floor)
+    eig_b = linalg.floor_eigenvalues(gb, eigenvalue_floor)
+
+    def rebuilt(eig):
+        w, e = eig
+        return (e * w[..., None, :]) @ mT(e)
+
+    return _LiftGrams(rebuilt(eig_a), rebuilt(eig_b), eig_a, eig_b)
 
 
 def _lift_of_products(at_x: jax.Array, x_bt: jax.Array, p: LoRAPair,
-                      grams: tuple[jax.Array, jax.Array]) -> LoRAPair:
+                      grams: _LiftGrams) -> LoRAPair:
     """:func:`horizontal_lift` from the products ``aᵀx`` (r×n) and ``x bᵀ`` (m×r), which are
     all of ``x`` it uses, with the Grams of :func:`_lift_grams`."""
     a, b = p.a, p.b
-    ga, gb = grams
-    k = linalg.solve_sylvester_gram_product(ga, gb, at_x @ mT(b))
-    u_a = linalg.solve_spd_right(x_bt - a @ (gb @ k), gb)
-    u_b = linalg.solve_spd(ga, at_x - (k @ ga) @ b)
+    ga, gb = grams.a, grams.b
+    k = linalg.solve_sylvester_gram_product(ga, gb, at_x @ mT(b), grams.eig_a)
+    u_a = _solve_right(x_bt - a @ (gb @ k), gb, grams.eig_b)
+    u_b = _solve(ga, grams.eig_a, at_x - (k @ ga) @ b)
     return LoRAPair(u_a, u_b)
 
 
@@ -133,14 +168,13 @@ def quotient_metric(
     return _metric(u, v, _lift_grams(p, delta))
 
 
-def _metric(u: LoRAPair, v: LoRAPair, grams: tuple[jax.Array, jax.Array]) -> jax.Array:
-    ga, gb = grams
-    left = jnp.sum(v.a * linalg.solve_spd_right(u.a, ga), axis=(-2, -1))
-    right = jnp.sum(v.b * linalg.solve_spd(gb, u.b), axis=(-2, -1))
+def _metric(u: LoRAPair, v: LoRAPair, grams: _LiftGrams) -> jax.Array:
+    left = jnp.sum(v.a * _solve_right(u.a, grams.a, grams.eig_a), axis=(-2, -1))
+    right = jnp.sum(v.b * _solve(grams.b, grams.eig_b, u.b), axis=(-2, -1))
     return left + right
 
 
-def _lift_norm(lift: LoRAPair, grams: tuple[jax.Array, jax.Array]) -> jax.Array:
+def _lift_norm(lift: LoRAPair, grams: _LiftGrams) -> jax.Array:
     """``‖x‖_g``, the norm under the induced metric (8), from the horizontal lift of ``x``."""
     return jnp.sqrt(_metric(lift, lift, grams))
 
@@ -214,8 +248,9 @@ def sylvester_lift(
     invariance with it); ``0`` is the paper's lift everywhere. Rank-2 targets at 12×12 with
     ``r = 12`` (lr 0.03, 300 steps): the lifted Adam 2.1e-2 of the start loss without the
     floor, 3e-14 with it; ``adams`` 2.3e-3 → 4.5e-14; ``lracs`` (lr 0.01) rose to 1.5 times
-    the start loss, 3.9e-4 with it (``docs/methods/lora_s.md``). Costs two r×r
-    eigendecompositions per pair and step.
+    the start loss, 3.9e-4 with it (``docs/methods/lora_s.md``). Cost: the eigendecompositions
+    of both Grams, through which the lift then solves (in place of two Cholesky factorisations
+    and the Sylvester solve's own eigendecomposition of ``aᵀa``).
 
     Args:
       inner: any ``optax.GradientTransformation`` on a tree of ``m×n`` matrices.

@@ -311,7 +311,8 @@ def test_floor_eigenvalues_raises_only_the_eigenvalues_below_the_floor():
     well = np.array([0.02, 0.1, 0.3, 0.5, 1.0, 3.0])  # mean 0.82: every eigenvalue above it
     with jax.enable_x64(False):
         both = jnp.asarray(np.stack([(q * w) @ q.T, (q * well) @ q.T]), jnp.float32)
-        got = np.asarray(linalg.floor_eigenvalues(both, 1e-2))
+        w32, e32 = linalg.floor_eigenvalues(both, 1e-2)
+        got = np.asarray((e32 * w32[..., None, :]) @ jnp.swapaxes(e32, -1, -2))
     np.testing.assert_allclose(got[0], (q * np.maximum(w, 1e-2 * w.mean())) @ q.T, atol=3e-6)
     np.testing.assert_allclose(got[1], (q * well) @ q.T, atol=3e-6)
 
