@@ -36,8 +36,10 @@ scale to the fourth power (``‖a‖²`` and ``‖b‖²`` times the curvature).
 stable at the start can be past the stability limit once the factors have grown: on the
 one-example regression of ``tests/test_numerics.py`` ``lr = 0.1`` fits the example during the
 robust start and then oscillates away (to NaN in float32), ``lr = 0.03`` converges. Manopt
-uses a line search for this reason; here, pick the learning rate at the factors' working scale
-or decay it.
+uses a line search for this reason, and optax has one: chain
+``optax.scale_by_backtracking_linesearch`` after ``quotient_sgd(1.0, ...)`` (its rate is then
+the search's initial guess) and pass ``value``, ``grad`` and ``value_fn`` to ``update``.
+Otherwise pick the learning rate at the factors' working scale or decay it.
 
 References: B. Mishra, G. Meyer, S. Bonnabel and R. Sepulchre, "Fixed-rank matrix factorizations
 and Riemannian low-rank optimization", Comput. Stat. 29, 2014; LoRA-S App. A.18.6.

@@ -68,7 +68,12 @@ METHODS: list[Method] = [
            {"riemannian_second_moment": True, "robust_steps": 20}),
     Method("lracs", lro.lracs, 0.01),
     Method("sylvester_lift_adam", _sylvester_lift_adam, 0.03),
-    Method("quotient_sgd", lro.quotient_sgd, 0.1, {"robust_steps": 10}),
+    # Quotient GD's step grows with the factors' scale (gradient times a Gram): 0.1 fits the
+    # battery in 123 steps but is past the stability limit once the one-example regression of
+    # test_numerics.py has grown its factors (NaN by step 35 in float32). 0.03 is stable on every
+    # start of the suite and needs 900 steps here (the Grams multiply: the target's smallest
+    # singular direction converges κ² times slower than the largest).
+    Method("quotient_sgd", lro.quotient_sgd, 0.03, {"robust_steps": 10}, steps=1000),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}

@@ -473,6 +473,47 @@ def test_quotient_direction_is_gradient_times_own_gram():
                                 rtol=1e-5)
 
 
+def _one_example_regression():
+    """``½‖x a b − y‖²`` for one unit-norm example from ``b = 0``: the fit grows ``b`` until
+    ``‖b‖² ~ 20``, past which quotient GD at a fixed rate 0.1 is unstable."""
+    k_a, k_x, k_y = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(k_x, (1, 16))
+    x, y = x / jnp.linalg.norm(x), jax.random.normal(k_y, (1, 12))
+    params = {"lora_a": jax.random.normal(k_a, (16, 4)) / 4, "lora_b": jnp.zeros((4, 12))}
+    return params, lambda p: 0.5 * jnp.sum((x @ p["lora_a"] @ p["lora_b"] - y) ** 2)
+
+
+def _train_with_value_fn(tx, params, loss, steps):
+    """Like ``problems.train``, passing ``value``, ``grad`` and ``value_fn`` to the update, as
+    optax's line searches need."""
+
+    def step(carry, _):
+        p, s = carry
+        value, grad = jax.value_and_grad(loss)(p)
+        updates, s = tx.update(grad, s, p, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(p, updates), s), value
+
+    (params, _), history = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+    return params, history
+
+
+def test_quotient_gd_with_optax_line_search_fits_where_a_fixed_rate_is_unstable():
+    """Manopt runs quotient GD with a line search; the optax chain does the same. At a fixed rate
+    0.1 the one-example regression is fitted during the robust start and then oscillates away;
+    with ``optax.scale_by_backtracking_linesearch`` (initial rate 1) it is fitted to rounding."""
+    params, loss = _one_example_regression()
+    fixed = quotient_sgd(0.1, robust_steps=10)
+    searched = optax.chain(quotient_sgd(1.0, robust_steps=10),
+                           optax.scale_by_backtracking_linesearch(max_backtracking_steps=30))
+    start = float(loss(params))
+    fixed_history = jax.jit(lambda p: _train_with_value_fn(fixed, p, loss, 100))(params)[1]
+    searched_end = jax.jit(lambda p: _train_with_value_fn(searched, p, loss, 100))(params)[0]
+    after_fit = np.asarray(fixed_history[20:])  # fitted to ~1e-4 of the start by step 10
+    assert np.any(~np.isfinite(after_fit) | (after_fit > 0.1 * start))  # then lost (or NaN)
+    chex.assert_tree_all_finite(searched_end)
+    assert float(loss(searched_end)) < 1e-10 * start
+
+
 def test_robust_start_is_adam_then_fresh_adams(x64):
     robust_steps, params = 3, lora_params(dtype=jnp.float64)
     tx = adams(0.03, robust_steps=robust_steps)

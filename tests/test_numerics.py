@@ -131,30 +131,16 @@ def _hard_run(name: str) -> tuple[dict, set]:
     return jax.tree.map(np.asarray, run(params)), dtypes
 
 
-# Failures measured on this branch (float32, CPU); strict: a case that starts passing fails the
-# suite until it is removed here. The rank-deficient starts of scaled_sgd and solora_sgd failed
-# through the step's cross term until the aliases clipped it (``tests/test_cross_term.py``).
-_QUOTIENT_STEP_SIZE = (
-    "quotient GD multiplies each gradient by its factor's Gram, so its step grows as the "
-    "factors do: the 10 robust (plain GD) steps fit the example (loss 2e-12 at step 10), then "
-    "lr = 0.1 is past the stability limit at the fitted factors' scale and the iterates "
-    "oscillate away (float64: back to 11.8 by step 20, 12.1 from step 50; float32: NaN by "
-    "step 35 at XLA's default optimisation level, 11.9 at the suite's O0). lr = 0.03 converges "
-    "to 3.6e-14 in float32: the method at the registry lr, not rounding")
-KNOWN_FAILURES = {
-    ("one_example", "quotient_sgd"): _QUOTIENT_STEP_SIZE,
-}
+# Every method at its registry rate. The rank-deficient starts of scaled_sgd and solora_sgd
+# failed through the step's cross term until the aliases clipped it (tests/test_cross_term.py);
+# quotient_sgd's one-example regression oscillated away at its former rate 0.1, past quotient
+# GD's stability limit at the fitted factors' scale (tests/methods.py; with optax's line search
+# it fits: tests/test_lora_s.py).
+HARD_CASES = [pytest.param(method, start, id=f"{start}-{method.name}")
+              for start in HARD_STARTS for method in METHODS]
 
 
-def _hard_cases():
-    for start in HARD_STARTS:
-        for method in METHODS:
-            reason = KNOWN_FAILURES.get((start, method.name))
-            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-            yield pytest.param(method, start, marks=marks, id=f"{start}-{method.name}")
-
-
-@pytest.mark.parametrize(("method", "start"), list(_hard_cases()))
+@pytest.mark.parametrize(("method", "start"), HARD_CASES)
 def test_hard_start_finite_and_loss_down(method: Method, start: str):
     history = _hard_run(method.name)[0][start]
     assert np.all(np.isfinite(history)), f"non-finite from step {np.argmin(np.isfinite(history))}"
