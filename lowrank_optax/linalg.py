@@ -35,6 +35,7 @@ __all__ = [
     "eigh",
     "eigvalsh",
     "floor_eigenvalues",
+    "floored_eigenpairs",
     "gram_a",
     "gram_b",
     "mT",
@@ -43,6 +44,8 @@ __all__ = [
     "project_tangent",
     "qr",
     "regularize",
+    "solve_floored",
+    "solve_floored_right",
     "solve_spd",
     "solve_spd_right",
     "solve_sylvester_gram_product",
@@ -166,6 +169,36 @@ def floor_eigenvalues(s: jax.Array, relative: float | jax.Array) -> tuple[jax.Ar
     w, e = eigh(s)
     floor = jnp.maximum(relative * mean_eigenvalue(s), _floor(s, SINGULAR_LEVEL))
     return jnp.maximum(w, floor[..., 0]), e
+
+
+Eigenpairs = tuple[jax.Array, jax.Array]
+
+
+def floored_eigenpairs(s: jax.Array, relative: float | jax.Array) -> Eigenpairs | None:
+    """:func:`floor_eigenvalues` of ``s``, or ``None`` for the literal ``relative = 0`` (no
+    eigendecomposition: :func:`solve_floored` then solves with ``s`` by Cholesky)."""
+    if isinstance(relative, (int, float)) and relative == 0:
+        return None
+    return floor_eigenvalues(s, relative)
+
+
+def solve_floored(s: jax.Array, eig: Eigenpairs | None, rhs: jax.Array,
+                  delta: float | jax.Array = 0.0) -> jax.Array:
+    """``s⁻¹ rhs`` through ``s``'s floored eigenpairs ``eig = (w, V)`` (``V diag(w)⁻¹ Vᵀ rhs``,
+    :func:`floored_eigenpairs`), or by :func:`solve_spd` with ``δ`` when ``eig`` is ``None``."""
+    if eig is None:
+        return solve_spd(s, rhs, delta)
+    w, e = eig
+    return e @ ((mT(e) @ rhs) / w[..., :, None])
+
+
+def solve_floored_right(lhs: jax.Array, s: jax.Array, eig: Eigenpairs | None,
+                        delta: float | jax.Array = 0.0) -> jax.Array:
+    """``lhs s⁻¹`` (:func:`solve_floored` from the right)."""
+    if eig is None:
+        return solve_spd_right(lhs, s, delta)
+    w, e = eig
+    return ((lhs @ e) / w[..., None, :]) @ mT(e)
 
 
 def _put_column(x: jax.Array, j: jax.Array, column: jax.Array) -> jax.Array:
@@ -471,17 +504,21 @@ def qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return factor(x)
 
 
-def solve_sylvester_spd(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:
+def solve_sylvester_spd(p: jax.Array, q: jax.Array, c: jax.Array,
+                        eig_p: Eigenpairs | None = None,
+                        eig_q: Eigenpairs | None = None) -> jax.Array:
     """Solves ``p X + X q = c`` for symmetric positive (semi)definite ``p`` (r×r), ``q`` (k×k).
 
     Closed form in the eigenbases ``p = U diag(λ) Uᵀ``, ``q = V diag(μ) Vᵀ`` (:func:`eigh`):
     ``X = U [(Uᵀ c V)_ij / (λ_i + μ_j)] Vᵀ``. Unique whenever every ``λ_i + μ_j ≠ 0``. Pairs
     whose sum is at most the singular level of ``p`` plus that of ``q``
     (``SINGULAR_LEVEL·eps·tr/r`` each: both matrices singular, e.g. zero factors, where the sum
-    is rounding noise) get a zero component, the minimum-norm solution.
+    is rounding noise) get a zero component, the minimum-norm solution. ``eig_p``, ``eig_q``:
+    eigenpairs ``(λ, U)``, ``(μ, V)`` to solve with instead of new :func:`eigh` of ``p`` and
+    ``q`` (e.g. :func:`floor_eigenvalues` of them).
     """
-    lam, u = eigh(p)
-    mu, v = eigh(q)
+    lam, u = eigh(p) if eig_p is None else eig_p
+    mu, v = eigh(q) if eig_q is None else eig_q
     denom = lam[..., :, None] + mu[..., None, :]
     coeffs = mT(u) @ c @ v
     live = denom > _floor(p, SINGULAR_LEVEL) + _floor(q, SINGULAR_LEVEL)
@@ -489,7 +526,7 @@ def solve_sylvester_spd(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:
 
 
 def solve_sylvester_gram_product(ga: jax.Array, gb: jax.Array, c: jax.Array,
-                                 eig_a: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                                 eig_a: Eigenpairs | None = None) -> jax.Array:
     """Solves ``S K + K S = c`` for ``S = ga @ gb``, the product of two SPD r×r matrices.
 
     This is the Sylvester equation (9) of LoRA-S (``ga = MᵀM``, ``gb = NᵀN``). ``S`` is not

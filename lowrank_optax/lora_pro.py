@@ -62,18 +62,27 @@ def equivalent_factor_grads(
     grad_b: jax.Array,
     scale: float | jax.Array = 1.0,
     delta: float | jax.Array = 1e-8,
+    eigenvalue_floor: float | jax.Array = 0.0,
 ) -> LoRAPair:
     """LoRA-Pro's equivalent gradients ``(u_a, u_b)`` of one pair (library orientation).
 
     ``grad_a = s·G bᵀ`` and ``grad_b = s·aᵀ G`` are the factor gradients of a loss whose full
     gradient is ``G``; then ``s(u_a b + a u_b) = P_T(G)`` and ``Y = Xᵀ`` solves LoRA-Pro's
     Sylvester equation (see the module docstring).
+
+    ``eigenvalue_floor > 0``: every Gram (``+ δ'I``) is inverted, and enters the Sylvester
+    equation, with its eigenvalues raised to at least ``eigenvalue_floor·tr/r``
+    (:func:`~lowrank_optax.linalg.floor_eigenvalues`); the identity above then holds for pairs
+    whose Grams are above the floor. The literal ``0`` (default) is the paper's map, by
+    Cholesky solves.
     """
     gram_a, gram_b = linalg.gram_a(a), linalg.gram_b(b)
-    pre_a = linalg.solve_spd_right(grad_a, gram_b, delta) / scale**2
-    pre_b = linalg.solve_spd(gram_a, grad_b, delta) / scale**2
-    y = linalg.solve_sylvester_spd(gram_a, gram_b, -(a.T @ pre_a))
-    pre_b_off_rows = pre_b - linalg.solve_spd_right(pre_b @ b.T, gram_b, delta) @ b
+    eig_a, eig_b = (linalg.floored_eigenpairs(linalg.regularize(gram, delta), eigenvalue_floor)
+                    for gram in (gram_a, gram_b))
+    pre_a = linalg.solve_floored_right(grad_a, gram_b, eig_b, delta) / scale**2
+    pre_b = linalg.solve_floored(gram_a, eig_a, grad_b, delta) / scale**2
+    y = linalg.solve_sylvester_spd(gram_a, gram_b, -(a.T @ pre_a), eig_a, eig_b)
+    pre_b_off_rows = pre_b - linalg.solve_floored_right(pre_b @ b.T, gram_b, eig_b, delta) @ b
     return LoRAPair(pre_a + a @ y, pre_b_off_rows - y @ b)
 
 
@@ -138,6 +147,7 @@ def scale_by_lora_pro_adam(
     *,
     scale: float = 1.0,
     delta: float = 1e-8,
+    eigenvalue_floor: float = 1e-2,
     keys: PairKeys = DEFAULT_KEYS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro with Adam on the full m×n equivalent gradient (the published method).
@@ -149,7 +159,8 @@ def scale_by_lora_pro_adam(
         g = m̂ / (√v̂ + eps)              bias-corrected as optax.adam
         u = equivalent_factor_grads(a, b, s·g bᵀ, s·aᵀg)   (g treated as the full gradient)
 
-    so ``W`` moves by ``−lr·P_T(g)`` at first order. **Memory: two m×n arrays per pair**, as
+    so ``W`` moves by ``−lr·P_T(g)`` at first order (where no Gram is below the eigenvalue
+    floor). **Memory: two m×n arrays per pair**, as
     much as full fine-tuning with Adam (the cost AltLoRA criticises); :func:`lora_pro_adamw`
     with ``full_state=False`` is the factor-space alternative.
 
@@ -161,9 +172,19 @@ def scale_by_lora_pro_adam(
         0.9, 0.999, 1e-8).
       scale: LoRA scale ``s > 0``, default 1.0.
       delta: Gram regulariser ``≥ 0``, default 1e-8.
+      eigenvalue_floor: the Grams the map back to factors inverts have their eigenvalues
+        raised to at least ``eigenvalue_floor·tr/r`` (``∈ [0, 1]``), default 1e-2 (not in the
+        paper). ``g`` is Adam's normalised output, of unit size whatever the residual; the map
+        divides its part along a near-null direction of a Gram (singular value ``σ`` of a
+        factor of rank < r, or of a fit that needs less rank) by ``σ``, and the other factor
+        jumps (from ``a`` of rank r − 2 and ``b`` of rank 1 in float64: 1.3e3 times the start
+        loss after 100 steps, float32 survives by its rounding floor). The floor bounds that
+        to ``1/√floor`` times the unit-scale step and leaves Grams above it exact. ``0`` is the
+        paper's map (Cholesky solves).
       keys: mapping keys of the factors in the tree.
     """
-    check_hyperparams("scale_by_lora_pro_adam", b1=b1, b2=b2, eps=eps, scale=scale, delta=delta)
+    check_hyperparams("scale_by_lora_pro_adam", b1=b1, b2=b2, eps=eps, scale=scale, delta=delta,
+                      eigenvalue_floor=eigenvalue_floor)
 
     def full_zeros(p: LoRAPair) -> jax.Array:
         return jnp.zeros((p.a.shape[0], p.b.shape[1]), p.a.dtype)
@@ -188,7 +209,8 @@ def scale_by_lora_pro_adam(
             direction = (mu / (1 - beta1**t)) / (jnp.sqrt(nu / (1 - beta2**t)) + eps)
             pseudo_grad_a = scale * direction @ p.b.T
             pseudo_grad_b = scale * p.a.T @ direction
-            u = equivalent_factor_grads(p.a, p.b, pseudo_grad_a, pseudo_grad_b, scale, delta)
+            u = equivalent_factor_grads(p.a, p.b, pseudo_grad_a, pseudo_grad_b, scale, delta,
+                                        eigenvalue_floor)
             return u, mu, nu
 
         new_updates, mu, nu = map_pairs(fn, updates, params, state.mu, state.nu, keys=keys)
@@ -244,6 +266,7 @@ def lora_pro_adamw(
     scale: float = 1.0,
     delta: float = 1e-8,
     full_state: bool = True,
+    eigenvalue_floor: float = 1e-2,
     normalize_grams: bool = True,
     cross_term_ratio: float | None = None,
     keys: PairKeys = DEFAULT_KEYS,
@@ -274,6 +297,10 @@ def lora_pro_adamw(
       scale: LoRA scale ``s > 0``, default 1.0.
       delta: Gram regulariser ``≥ 0``, default 1e-8.
       full_state: m×n moments (published method) or factor-space moments (see above).
+      eigenvalue_floor: with ``full_state=True``, the floor of the Grams' eigenvalues in the
+        map from Adam's output back to factors (``∈ [0, 1]``, default 1e-2;
+        :func:`scale_by_lora_pro_adam`); 0 is the paper's map. Not used with
+        ``full_state=False``, whose moments are taken after the map.
       normalize_grams: the factor-space robust start (above), default True; not used with
         ``full_state=True`` (its moments live in ``m×n`` space, where the factors' scale does
         not enter).
@@ -284,9 +311,11 @@ def lora_pro_adamw(
     """
     check_hyperparams("lora_pro_adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay, scale=scale, delta=delta, full_state=full_state,
-                      normalize_grams=normalize_grams, cross_term_ratio=cross_term_ratio)
+                      eigenvalue_floor=eigenvalue_floor, normalize_grams=normalize_grams,
+                      cross_term_ratio=cross_term_ratio)
     if full_state:
-        direction = scale_by_lora_pro_adam(b1, b2, eps, scale=scale, delta=delta, keys=keys)
+        direction = scale_by_lora_pro_adam(b1, b2, eps, scale=scale, delta=delta,
+                                           eigenvalue_floor=eigenvalue_floor, keys=keys)
     else:
         direction = keep_update_dtypes(
             optax.chain(

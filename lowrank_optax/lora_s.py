@@ -105,42 +105,25 @@ class _LiftGrams(NamedTuple):
     """The Grams the lift and its metric solve with: ``a = aᵀa + δ'I``, ``b = b bᵀ + δ'I``
     (``δ'`` of :func:`~lowrank_optax.linalg.damping`) and, when floored, their floored
     eigenpairs ``(w, V)`` (``a``, ``b`` are then ``V diag(w) Vᵀ``), through which they are
-    inverted; without a floor, Cholesky solves."""
+    inverted (:func:`~lowrank_optax.linalg.solve_floored`); without a floor, Cholesky solves."""
 
     a: jax.Array
     b: jax.Array
-    eig_a: tuple[jax.Array, jax.Array] | None = None
-    eig_b: tuple[jax.Array, jax.Array] | None = None
-
-
-def _solve(gram: jax.Array, eig: tuple[jax.Array, jax.Array] | None, rhs: jax.Array) -> jax.Array:
-    """``gram⁻¹ rhs``: through the floored eigenpairs when there are, else by Cholesky."""
-    if eig is None:
-        return linalg.solve_spd(gram, rhs)
-    w, e = eig
-    return e @ ((mT(e) @ rhs) / w[..., :, None])
-
-
-def _solve_right(lhs: jax.Array, gram: jax.Array,
-                 eig: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-    """``lhs gram⁻¹`` (:func:`_solve` from the right)."""
-    if eig is None:
-        return linalg.solve_spd_right(lhs, gram)
-    w, e = eig
-    return ((lhs @ e) / w[..., None, :]) @ mT(e)
+    eig_a: linalg.Eigenpairs | None = None
+    eig_b: linalg.Eigenpairs | None = None
 
 
 def _lift_grams(p: LoRAPair, delta: float | jax.Array,
                 eigenvalue_floor: float | jax.Array = 0.0) -> _LiftGrams:
     """The lift's Grams, each with its eigenvalues floored at ``eigenvalue_floor·tr/r``
-    (:func:`~lowrank_optax.linalg.floor_eigenvalues`) unless the floor is the literal ``0``
+    (:func:`~lowrank_optax.linalg.floored_eigenpairs`) unless the floor is the literal ``0``
     (no eigendecomposition then)."""
     ga = linalg.regularize(linalg.gram_a(p.a), delta)
     gb = linalg.regularize(linalg.gram_b(p.b), delta)
-    if isinstance(eigenvalue_floor, (int, float)) and eigenvalue_floor == 0:
+    eig_a = linalg.floored_eigenpairs(ga, eigenvalue_floor)
+    eig_b = linalg.floored_eigenpairs(gb, eigenvalue_floor)
+    if eig_a is None:
         return _LiftGrams(ga, gb)
-    eig_a = linalg.floor_eigenvalues(ga, eigenvalue_floor)
-    eig_b = linalg.floor_eigenvalues(gb, eigenvalue_floor)
 
     def rebuilt(eig):
         w, e = eig
@@ -156,8 +139,8 @@ def _lift_of_products(at_x: jax.Array, x_bt: jax.Array, p: LoRAPair,
     a, b = p.a, p.b
     ga, gb = grams.a, grams.b
     k = linalg.solve_sylvester_gram_product(ga, gb, at_x @ mT(b), grams.eig_a)
-    u_a = _solve_right(x_bt - a @ (gb @ k), gb, grams.eig_b)
-    u_b = _solve(ga, grams.eig_a, at_x - (k @ ga) @ b)
+    u_a = linalg.solve_floored_right(x_bt - a @ (gb @ k), gb, grams.eig_b)
+    u_b = linalg.solve_floored(ga, grams.eig_a, at_x - (k @ ga) @ b)
     return LoRAPair(u_a, u_b)
 
 
@@ -169,8 +152,8 @@ def quotient_metric(
 
 
 def _metric(u: LoRAPair, v: LoRAPair, grams: _LiftGrams) -> jax.Array:
-    left = jnp.sum(v.a * _solve_right(u.a, grams.a, grams.eig_a), axis=(-2, -1))
-    right = jnp.sum(v.b * _solve(grams.b, grams.eig_b, u.b), axis=(-2, -1))
+    left = jnp.sum(v.a * linalg.solve_floored_right(u.a, grams.a, grams.eig_a), axis=(-2, -1))
+    right = jnp.sum(v.b * linalg.solve_floored(grams.b, grams.eig_b, u.b), axis=(-2, -1))
     return left + right
 
 

@@ -49,12 +49,18 @@ def _problem(seed=0):
     return big_a, big_b, full_grad, library_loss
 
 
-def _paper_equivalent_grads(big_a, big_b, grad_a, grad_b, s):
-    """eq. (3) with LoRA-Pro's Sylvester equation BᵀB X + X AAᵀ = −(1/s²)(BᵀB)⁻¹ ∇A Aᵀ."""
-    btb_inv = np.linalg.inv(big_b.T @ big_b)
-    aat_inv = np.linalg.inv(big_a @ big_a.T)
-    x = scipy.linalg.solve_sylvester(big_b.T @ big_b, big_a @ big_a.T,
-                                     -btb_inv @ grad_a @ big_a.T / s**2)
+def _floored(gram, floor):
+    """``gram`` with its eigenvalues raised to at least ``floor`` times their mean."""
+    w, e = np.linalg.eigh(gram)
+    return (e * np.maximum(w, floor * w.mean())) @ e.T
+
+
+def _paper_equivalent_grads(big_a, big_b, grad_a, grad_b, s, floor=0.0):
+    """eq. (3) with LoRA-Pro's Sylvester equation BᵀB X + X AAᵀ = −(1/s²)(BᵀB)⁻¹ ∇A Aᵀ; with
+    ``floor``, every Gram floored (:func:`_floored`)."""
+    btb, aat = _floored(big_b.T @ big_b, floor), _floored(big_a @ big_a.T, floor)
+    btb_inv, aat_inv = np.linalg.inv(btb), np.linalg.inv(aat)
+    x = scipy.linalg.solve_sylvester(btb, aat, -btb_inv @ grad_a @ big_a.T / s**2)
     p_b = big_b @ btb_inv @ big_b.T
     g_a = btb_inv @ grad_a / s**2 + x @ big_a
     g_b = (np.eye(N) - p_b) @ grad_b @ aat_inv / s**2 - big_b @ x
@@ -91,8 +97,8 @@ def test_full_state_adamw_matches_official_rule(s):
     """Adam on Ĝ = P_B G + (I − P_B) G P_A (m×n), then eq. (3) applied to the Adam output."""
     lr, steps, b1, b2, eps = 0.01, 5, 0.9, 0.999, 1e-8
     big_a, big_b, full_grad, loss = _problem(1)
-    got = _run_library(lora_pro_adamw(lr, scale=s, delta=0.0), big_a, big_b,
-                       lambda p: loss(p, s), steps)
+    got = _run_library(lora_pro_adamw(lr, scale=s, delta=0.0, eigenvalue_floor=0.0), big_a,
+                       big_b, lambda p: loss(p, s), steps)
     a, b = big_a, big_b
     m = v = np.zeros((N, M))
     for k in range(1, steps + 1):
@@ -106,6 +112,33 @@ def test_full_state_adamw_matches_official_rule(s):
         a, b = a - lr * g_a, b - lr * g_b
     np.testing.assert_allclose(got[0], a, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(got[1], b, rtol=1e-8, atol=1e-10)
+
+
+def test_eigenvalue_floor_bounds_the_map_along_near_null_directions_only():
+    """The map of a unit-scale m×n ``g`` (Adam's output) back to factors, with Grams floored at
+    1e-2 of their mean, against the transcription with floored Grams."""
+    rng = np.random.default_rng(4)
+    big_a, big_b = rng.normal(size=(R, M)), rng.normal(size=(N, R)) * 0.3
+    g, s = rng.normal(size=(N, M)), 2.0
+    near_null = big_b * np.array([1.0, 1.0, 1e-5])  # BᵀB: one eigenvalue ~1e-10 of the mean
+
+    def library(big_b, floor):
+        u = equivalent_factor_grads(jnp.asarray(big_a.T), jnp.asarray(big_b.T),
+                                    jnp.asarray(s * g.T @ big_b), jnp.asarray(s * big_a @ g.T),
+                                    s, 0.0, floor)
+        return np.asarray(u.a).T, np.asarray(u.b).T
+
+    expected = _paper_equivalent_grads(big_a, near_null, s * near_null.T @ g,
+                                       s * g @ big_a.T, s, floor=1e-2)[:2]
+    for got, want in zip(library(near_null, 1e-2), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    # Without the floor gᴬ along the near-null direction is ~1/σ = 1e5 times larger.
+    assert np.abs(library(near_null, 0.0)[0]).max() > 1e3 * np.abs(expected[0]).max()
+    # A well-conditioned pair's Grams are above the floor: the paper's map.
+    assert min(np.linalg.eigvalsh(gram).min() / np.trace(gram) * R
+               for gram in (big_a @ big_a.T, big_b.T @ big_b)) > 1e-2
+    for got, want in zip(library(big_b, 1e-2), library(big_b, 0.0)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("normalize_grams", [False, True], ids=["peta", "normalized"])
@@ -184,12 +217,20 @@ def test_exactly_invariant_for_orthogonal_r(seed):
         assert invariance_residual(make, q, steps=4) < 1e-11
 
 
-@pytest.mark.parametrize("factory", [lora_pro_sgd, lora_pro_adamw], ids=lambda f: f.__name__)
-def test_invariant_only_to_first_order_for_general_r(factory):
+# The paper's map: aR of cond(R) = 10 has a Gram eigenvalue below the default eigenvalue floor
+# (1e-2 of the mean), which would move the step by O(1e-2), not O(lr²).
+PAPER_MAP = {
+    "lora_pro_sgd": lambda lr: lora_pro_sgd(lr, delta=0.0),
+    "lora_pro_adamw": lambda lr: lora_pro_adamw(lr, delta=0.0, eigenvalue_floor=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_MAP))
+def test_invariant_only_to_first_order_for_general_r(name):
     """X does not transform consistently under a non-orthogonal R: the product differs by
     O(lr²) per step, i.e. the residual relative to the step is ∝ lr."""
     r_matrix = random_gl(5, 3, 10.0)
-    residuals = [invariance_residual(lambda lr=lr: factory(lr, delta=0.0), r_matrix, steps=3)
+    residuals = [invariance_residual(lambda lr=lr: PAPER_MAP[name](lr), r_matrix, steps=3)
                  for lr in (4e-3, 1e-3)]
     assert residuals[1] > 1e-12  # not exact
     assert residuals[0] / residuals[1] > 10.0  # shrinks like lr², faster than the step (∝ lr)
