@@ -317,6 +317,25 @@ def test_floor_eigenvalues_raises_only_the_eigenvalues_below_the_floor():
     np.testing.assert_allclose(got[1], (q * well) @ q.T, atol=3e-6)
 
 
+def test_solve_floored_inverts_the_floored_matrix_and_falls_back_to_cholesky():
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    w = np.array([1e-7, 1e-3, 0.5, 1.0, 2.0])  # mean 0.7: the two smallest below 1e-2 of it
+    s, rhs = (q * w) @ q.T, rng.normal(size=(5, 3))
+    floored_inverse = (q / np.maximum(w, 1e-2 * w.mean())) @ q.T
+    with jax.enable_x64(False):
+        s32, rhs32 = jnp.asarray(s, jnp.float32), jnp.asarray(rhs, jnp.float32)
+        eig = linalg.floored_eigenpairs(s32, 1e-2)
+        left = np.asarray(linalg.solve_floored(s32, eig, rhs32))
+        right = np.asarray(linalg.solve_floored_right(rhs32.T, s32, eig))
+        assert linalg.floored_eigenpairs(s32, 0.0) is None  # the literal 0: no eigh
+        cholesky = np.asarray(linalg.solve_floored(s32, None, rhs32, 1e-2))
+    want = floored_inverse @ rhs
+    np.testing.assert_allclose(left, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(right, want.T, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(cholesky, np.linalg.solve(s + 1e-2 * np.eye(5), rhs), rtol=1e-4)
+
+
 def test_batched_shapes_match_unbatched():
     s = _spd(5, (2, 3)).astype(np.float32)
     rhs = RNG.normal(size=(2, 3, 5, 4)).astype(np.float32)
