@@ -42,7 +42,6 @@ from lowrank_optax.pairs import (
     abstract_safe_init,
     init_pairs,
     map_pairs,
-    require_params,
 )
 from lowrank_optax.riemannian import ROBUST_RELATIVE_DELTA, gram_scale, relative_gram_delta
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
@@ -344,7 +343,6 @@ def scale_by_altlora(
         )
 
     def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_altlora")
         a_active, _ = _active(state.count, state.schedule)
         k = state.count + 1 if joint else state.count // 2 + 1
         joint_lr = None

@@ -40,7 +40,6 @@ from lowrank_optax.pairs import (
     keep_update_dtypes,
     map_pairs,
     pair_map_transformation,
-    require_params,
 )
 from lowrank_optax.riemannian import gram_scale
 from lowrank_optax.validation import check_hyperparams, with_state_check
@@ -197,7 +196,6 @@ def scale_by_lora_pro_adam(
         )
 
     def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_lora_pro_adam")
         count = optax.safe_increment(state.count)
 
         def fn(g, p, mu, nu):

@@ -48,7 +48,6 @@ from lowrank_optax.pairs import (
     init_pairs,
     map_pairs,
     pair_map_transformation,
-    require_params,
 )
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
@@ -288,7 +287,6 @@ def scale_by_lora_rite(
         return optax.tree.norm(map_pairs(unmagnified, updates, params, keys=keys))
 
     def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_lora_rite")
         count = optax.safe_increment(state.count)
         hp = _Hyper(b1, b2, eps, clip_unmagnified_grad, update_capping, update_skipping,
                     apply_escape)

@@ -62,7 +62,6 @@ from lowrank_optax.pairs import (
     abstract_safe_init,
     init_pairs,
     map_pairs,
-    require_params,
 )
 from lowrank_optax.validation import check_hyperparams, with_state_check
 
@@ -254,7 +253,6 @@ def sylvester_lift(
         return SylvesterLiftState(inner.init(init_pairs(_pair_zeros_like_product, params, keys)))
 
     def update_fn(updates, state, params=None, **extra_args):
-        require_params(params, "sylvester_lift")
         vectors = _descent_tree(updates, params, delta, keys)
         preconditioned, inner_state = inner.update(vectors, state.inner_state, None, **extra_args)
         new_updates, _ = map_pairs(
@@ -491,7 +489,6 @@ def scale_by_adams(
         return direction, FactorAdamMoments(mu, nu)
 
     def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_adams")
         count = optax.safe_increment(state.count)
         if not robust:
             new_updates, mu, nu = map_pairs(
@@ -795,7 +792,6 @@ def scale_by_lracs(
         return direction, mu_s, mu_q, eta * norm
 
     def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_lracs")
         count = optax.safe_increment(state.count)
         new_updates, mu_s, mu_q, phi = map_pairs(
             lambda g, p, *s: pair_fn(g, p, *s, count),

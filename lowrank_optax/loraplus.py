@@ -146,4 +146,4 @@ def loraplus(
         return tx.update(updates, state, params, **extra_args)
 
     return with_state_check("loraplus", optax.GradientTransformationExtraArgs(tx.init, update_fn),
-                            keys)
+                            keys, needs_params=False)

@@ -914,8 +914,10 @@ def pair_map_transformation(
     """A stateless transformation that maps every update pair with its parameter pair.
 
     ``update`` returns ``map_pairs(fn, updates, params)`` (``fn(u, p)`` gets 2-D float32-or-wider
-    pairs and returns the new update pair) and needs ``params``; ``init`` checks the params'
-    pairs and returns ``optax.EmptyState()``. ``name`` is used in the errors.
+    pairs and returns the new update pair) and needs ``params``, which
+    :func:`~lowrank_optax.validation.with_state_check` (around every transformation of the
+    library) checks are given; ``init`` checks the params' pairs and returns
+    ``optax.EmptyState()``. ``name`` is used in the errors.
     """
 
     def init_fn(params: Any) -> optax.EmptyState:
@@ -923,7 +925,6 @@ def pair_map_transformation(
         return optax.EmptyState()
 
     def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
-        require_params(params, name)
         return map_pairs(fn, updates, params, keys=keys), state
 
     return optax.GradientTransformation(abstract_safe_init(init_fn), update_fn)

@@ -62,7 +62,6 @@ from lowrank_optax.pairs import (
     PairTree,
     abstract_safe_init,
     map_pairs,
-    require_params,
 )
 from lowrank_optax.validation import check_hyperparams, with_state_check
 
@@ -116,7 +115,6 @@ def scale_by_quotient(
         return ScaleByQuotientState(jnp.zeros([], jnp.int32))
 
     def update_fn(updates: Any, state: ScaleByQuotientState, params: Any = None):
-        require_params(params, "scale_by_quotient")
         in_robust_phase = state.count < robust_steps
 
         def pair_fn(g: LoRAPair, p: LoRAPair) -> LoRAPair:

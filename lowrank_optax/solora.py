@@ -58,7 +58,6 @@ from lowrank_optax.pairs import (
     abstract_safe_init,
     init_pairs,
     map_pairs,
-    require_params,
 )
 from lowrank_optax.validation import check_choice, check_hyperparams, with_state_check
 
@@ -287,7 +286,6 @@ def scale_by_solora(
         return LoRAPair(factor * d.a, factor * d.b), SoLoRAPairState(row, col, mu)
 
     def update_fn(updates, state, params=None):
-        require_params(params, "scale_by_solora")
         count = optax.safe_increment(state.count)
         new_updates, pairs = map_pairs(
             lambda g, p, s: pair_update(g, p, s, count), updates, params, state.pairs, keys=keys

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import optax
 
-from lowrank_optax.pairs import DEFAULT_KEYS, PairKeys, PairTree
+from lowrank_optax.pairs import DEFAULT_KEYS, PairKeys, PairTree, require_params
 
 __all__ = [
     "Interval",
@@ -293,8 +293,11 @@ def with_state_check(
     owner: str,
     tx: optax.GradientTransformation,
     keys: PairKeys = DEFAULT_KEYS,
+    needs_params: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-    """``tx`` whose ``update`` first checks that ``updates`` have the leaves of the params
+    """``tx`` whose ``update`` first checks that ``params`` are given (when ``needs_params``:
+    the error then names ``owner``, the transformation the user built, not an inner one),
+    that ``updates`` have the leaves of the params
     (:func:`update_mismatches`) and that ``state`` is ``tx.init``'s state for the params,
     and whose ``init`` warns (:data:`EMPTY_PARAMS_WARNING`, once per process) when the params
     hold no array at all: legal for optax, but for a LoRA optimizer a model without LoRA layers
@@ -325,6 +328,8 @@ def with_state_check(
         return entry
 
     def update_fn(updates, state, params=None, **extra_args):
+        if needs_params:
+            require_params(params, owner)
         if params is not None:
             lines = update_mismatches(updates, params)
             if lines:

@@ -185,6 +185,28 @@ def test_inject_hyperparams_traces(method: Method):
     assert updates["q"]["lora_a"].shape == (6, 2)
 
 
+# The transformation each registry entry builds, as its errors name it.
+BUILT = {"sylvester_lift_adam": "sylvester_lift"}
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m.name != "loraplus_adamw"], ids=str)
+def test_update_without_params_names_the_transformation_the_user_built(method: Method):
+    """Not an inner ``scale_by_*``: ``scaled_adamw(...).update(g, s)`` names ``scaled_adamw``.
+    (LoRA+ needs no params unless its base does.)"""
+    params = {"q": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}}
+    tx = method.make()
+    owner = BUILT.get(method.name, method.factory.__name__)
+    with pytest.raises(ValueError, match=rf"^{owner}\.update needs the current parameters"):
+        tx.update(params, tx.init(params))
+
+
+def test_loraplus_over_sgd_updates_without_params():
+    params = {"q": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}}
+    tx = lro.loraplus(optax.sgd, 4.0, learning_rate=0.1)
+    updates, _ = tx.update(params, tx.init(params))
+    np.testing.assert_allclose(updates["q"]["lora_b"], -0.4 * params["q"]["lora_b"])
+
+
 # ----------------------------------------------------------------------------- states
 
 
