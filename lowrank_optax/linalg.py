@@ -8,9 +8,11 @@ solved by Cholesky or in an eigenbasis.
 
 Every factorisation here is plain batched JAX (loops over the r columns or over Jacobi rotation
 rounds, each step vectorised over the batch and the wide right-hand side), not ``jnp.linalg``: on
-XLA:CPU the LAPACK custom calls that ``jnp.linalg`` lowers to deadlock intermittently when many
-of them run over stacked pairs inside one jitted update, and for r ≤ 64 the batched loops are as
-fast as the batched LAPACK calls there. No kernel here lowers to a custom call.
+XLA:CPU the LAPACK custom calls that ``jnp.linalg`` lowers to deadlock intermittently when
+several of them run inside one jitted function (two batched ``eigh`` at r = 64 suffice). No
+kernel here lowers to a custom call. The price on CPU: as fast as LAPACK at r = 4, 2–4 times
+slower at r = 16 and up to 14 times (``eigh``) at r = 64, measured kernel by kernel with
+``benchmarks/kernels.py`` (docs: "The r × r kernels against jnp.linalg"); not measured on GPU.
 
 Regularisers follow one rule, :func:`damping`: the user's ``δ``, floored relative to the Gram it
 regularises and by an absolute floor, so that a rank-deficient Gram never gives a non-finite

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from benchmarks import convergence, gpt2_bench, harness, report
+from benchmarks import convergence, gpt2_bench, harness, kernels, report
 from benchmarks.registry import BY_NAME
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -158,3 +158,16 @@ def test_gpu_config_has_the_issue_shapes():
 
     assert {t.layers for t in run.GPU.trees} == {24} and set(run.GPU.ranks) == {4, 16, 64}
     assert run.GPU.gpt2_preset == "medium" and run.GPU.peer_layers == 24
+
+
+def test_kernel_rows_agree_with_jnp_linalg_and_a_child_past_its_timeout_is_hung(tmp_path):
+    out = tmp_path / "kernels.md"
+    rows = kernels.main(["--ranks", "4", "--rounds", "2", "--kernels", "cholesky", "eigh",
+                         "--out", str(out)])
+    assert [(r["kernel"], r["rank"]) for r in rows] == [("cholesky", 4), ("eigh", 4)]
+    for row in rows:
+        assert row["difference"] < 1e-5 and row["ratio"] > 0, row
+    assert "| eigh | 4 |" in out.read_text()
+    hung = kernels.run_child("cholesky", 4, rounds=2, timeout=0.2)
+    assert hung == {"kernel": "cholesky", "rank": 4, "hung": "compiling"}
+    assert "hung (after: compiling)" in kernels.table([hung], 0.2)
