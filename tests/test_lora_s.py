@@ -474,8 +474,8 @@ def test_quotient_direction_is_gradient_times_own_gram():
 
 
 def _one_example_regression():
-    """``½‖x a b − y‖²`` for one unit-norm example from ``b = 0``: the fit grows ``b`` until
-    ``‖b‖² ~ 20``, past which quotient GD at a fixed rate 0.1 is unstable."""
+    """``½‖x a b − y‖²`` for one unit-norm example from ``b = 0``: the robust steps fit it and
+    grow ``‖b‖²`` to ~4, where quotient GD at a fixed rate 0.1 is past its stability limit."""
     k_a, k_x, k_y = jax.random.split(jax.random.key(7), 3)
     x = jax.random.normal(k_x, (1, 16))
     x, y = x / jnp.linalg.norm(x), jax.random.normal(k_y, (1, 12))
@@ -508,8 +508,9 @@ def test_quotient_gd_with_optax_line_search_fits_where_a_fixed_rate_is_unstable(
     start = float(loss(params))
     fixed_history = jax.jit(lambda p: _train_with_value_fn(fixed, p, loss, 100))(params)[1]
     searched_end = jax.jit(lambda p: _train_with_value_fn(searched, p, loss, 100))(params)[0]
-    after_fit = np.asarray(fixed_history[20:])  # fitted to ~1e-4 of the start by step 10
-    assert np.any(~np.isfinite(after_fit) | (after_fit > 0.1 * start))  # then lost (or NaN)
+    fitted, after = float(fixed_history[10]), np.asarray(fixed_history[11:])
+    assert fitted < 1e-3 * start  # the robust steps fit the example (~1e-4 of the start loss)
+    assert np.any(~np.isfinite(after) | (after > 100 * fitted))  # then quotient GD loses it
     chex.assert_tree_all_finite(searched_end)
     assert float(loss(searched_end)) < 1e-10 * start
 
