@@ -7,9 +7,9 @@ them interleaved (``harness.interleaved_times``); the row is the median per-roun
 
     python benchmarks/cpu24.py --ranks 4 16 64 --out rows.jsonl [--methods ...] [--all-four]
 
-Rows whose child does not finish within ``--timeout`` seconds are written as ``hung``. Run from
-another checkout's root (``--root``) it measures that checkout's library, which is how the
-before/after table was made.
+Rows whose child does not finish within ``--timeout`` seconds are written as ``hung``
+(``harness.run_child``). Run from another checkout's root (``--root``) it measures that
+checkout's library, which is how the before/after table was made.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -59,14 +58,19 @@ def main() -> None:
     if args.child:
         sys.path.insert(0, args.root)
         row = _child(args.methods[0], args.ranks[0], args.all_four, args.rounds)
+        # harness.run_child's protocol, written out: --root's harness may predate print_row.
         print("ROW " + json.dumps(row), flush=True)
         return
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import harness  # this checkout's, whatever --root is
+
     sys.path.insert(0, args.root)
     from benchmarks.registry import METHODS
 
     names = args.methods or [m.name for m in METHODS]
     out = sys.stdout if args.out == "-" else open(args.out, "a")  # noqa: SIM115
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": args.root}
+    tree = "all four" if args.all_four else "q,v"
     for rank in args.ranks:
         for name in names:
             cmd = [sys.executable, __file__, "--child", "--root", args.root, "--ranks", str(rank),
@@ -74,19 +78,10 @@ def main() -> None:
             if args.all_four:
                 cmd.append("--all-four")
             begin = time.perf_counter()
-            try:
-                done = subprocess.run(cmd, cwd=args.root, env=env, capture_output=True, text=True,
-                                      timeout=args.timeout)
-                rows = [json.loads(line[4:]) for line in done.stdout.splitlines()
-                        if line.startswith("ROW ")]
-                row = rows[0] if rows else {"method": name, "rank": rank,
-                                            "error": done.stderr[-500:]}
-            except subprocess.TimeoutExpired:
-                row = {"method": name, "rank": rank, "hung": True}
-            row.update(label=args.label, tree="all four" if args.all_four else "q,v",
-                       wall_s=round(time.perf_counter() - begin, 1))
+            row = harness.run_child(cmd, args.timeout, {"method": name, "rank": rank},
+                                    cwd=args.root, env=env)
+            row.update(label=args.label, tree=tree, wall_s=round(time.perf_counter() - begin, 1))
             print(json.dumps(row), file=out, flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""Measurement primitives: interleaved timing, compile time, state bytes, benchmark pair trees.
+"""Measurement primitives: interleaved timing, compile time, state bytes, benchmark pair trees,
+and the child-process rows that keep a hang from costing more than its row.
 
 Every timing in these benchmarks is a *ratio* against a baseline measured in the same process and
 the same loop: each round runs every timed function once, back to back, in an order that
@@ -9,6 +10,8 @@ and the method alike. The reported ratio is the median over rounds of the per-ro
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -81,6 +84,44 @@ def has_matrix_state(tx: optax.GradientTransformation, params: Any) -> bool:
 def _leaves_named(tree: Any, key: str) -> list[Any]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [x for path, x in flat if getattr(path[-1], "key", None) == key]
+
+
+# ------------------------------------------------------------------------------ child rows
+
+
+def print_stage(stage: str) -> None:
+    """In a child: report that it reached ``stage`` (a hung row names the last one)."""
+    print("STAGE " + stage, flush=True)
+
+
+def print_row(row: dict) -> None:
+    """In a child: report its result row."""
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def run_child(cmd: list[str], timeout: float, row_id: dict, **popen: Any) -> dict:
+    """Run ``cmd`` (a child that reports with :func:`print_row`) and return its row.
+
+    A child that does not finish within ``timeout`` seconds gives ``{**row_id, "hung": stage}``
+    with the last stage it reported (``"compiling"`` if none); one that exits without a row
+    gives ``{**row_id, "error": <the end of its stderr>}``. ``popen`` goes to
+    :func:`subprocess.run` (``env``, ``cwd``).
+    """
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **popen)
+        output, error = done.stdout, done.stderr[-500:]
+    except subprocess.TimeoutExpired as expired:
+        output, error = expired.stdout or "", None
+        if isinstance(output, bytes):
+            output = output.decode()
+    lines = output.splitlines()
+    rows = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
+    if rows:
+        return rows[0]
+    if error is None:
+        stages = [line[6:] for line in lines if line.startswith("STAGE ")]
+        return {**row_id, "hung": stages[-1] if stages else "compiling"}
+    return {**row_id, "error": error}
 
 
 # ------------------------------------------------------------------------------ update steps

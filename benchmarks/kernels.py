@@ -23,10 +23,8 @@ one jitted function) deadlocks at r = 64, the hang that made the library write i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -106,11 +104,11 @@ def measure(name: str, rank: int, rounds: int) -> dict:
     args = [jnp.asarray(x, jnp.float32) for x in kernel.inputs(rng, rank)]
     ours = jax.jit(kernel.ours).lower(*args).compile()
     theirs = jax.jit(kernel.theirs).lower(*args).compile()
-    print("STAGE compiled", flush=True)
+    harness.print_stage("compiled")
     ours_result = harness.block(ours(*args))
-    print("STAGE ours ran", flush=True)
+    harness.print_stage("ours ran")
     theirs_result = harness.block(theirs(*args))
-    print("STAGE jnp.linalg ran", flush=True)
+    harness.print_stage("jnp.linalg ran")
     times = harness.interleaved_times(
         {"ours": lambda: harness.block(ours(*args)),
          "jnp.linalg": lambda: harness.block(theirs(*args))}, rounds)
@@ -122,24 +120,10 @@ def measure(name: str, rank: int, rounds: int) -> dict:
 
 
 def run_child(name: str, rank: int, rounds: int, timeout: float) -> dict:
-    """:func:`measure` in a child process; a child past ``timeout`` seconds is a hung row."""
+    """:func:`measure` in a child process (:func:`harness.run_child`: hung past ``timeout``)."""
     cmd = [sys.executable, __file__, "--child", name, str(rank), "--rounds", str(rounds)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        output, error = done.stdout, done.stderr[-500:]
-    except subprocess.TimeoutExpired as expired:
-        output, error = expired.stdout or "", None
-        if isinstance(output, bytes):
-            output = output.decode()
-    lines = output.splitlines()
-    rows = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
-    if rows:
-        return rows[0]
-    stages = [line[6:] for line in lines if line.startswith("STAGE ")]
-    if error is None:
-        return {"kernel": name, "rank": rank, "hung": stages[-1] if stages else "compiling"}
-    return {"kernel": name, "rank": rank, "error": error}
+    return harness.run_child(cmd, timeout, {"kernel": name, "rank": rank},
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def _cells(row: dict) -> str:
@@ -173,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.child:
         row = measure(args.child[0], int(args.child[1]), args.rounds)
-        print("ROW " + json.dumps(row), flush=True)
+        harness.print_row(row)
         return [row]
     rows = []
     for name in args.kernels:

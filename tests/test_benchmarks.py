@@ -90,6 +90,23 @@ def test_update_step_applies_the_update_and_feeds_state_back():
     assert step.compile_seconds > 0
 
 
+@pytest.mark.parametrize(
+    "script, timeout, expected",
+    [("import json; print('ROW ' + json.dumps({'x': 1}))", 30, {"x": 1}),
+     ("import time; print('STAGE a'); print('STAGE b', flush=True); time.sleep(30)", 2,
+      {"id": 0, "hung": "b"}),
+     ("import time; time.sleep(30)", 2, {"id": 0, "hung": "compiling"})],
+    ids=["row", "hung-after-stage", "hung-silent"],
+)
+def test_run_child_returns_the_row_or_the_last_stage_of_a_hung_child(script, timeout, expected):
+    assert harness.run_child([sys.executable, "-c", script], timeout, {"id": 0}) == expected
+
+
+def test_run_child_reports_the_error_of_a_child_without_a_row():
+    row = harness.run_child([sys.executable, "-c", "raise SystemExit('broken: 7')"], 30, {"id": 0})
+    assert row == {"id": 0, "error": "broken: 7\n"}
+
+
 def test_factorisation_curves_match_the_example():
     example = _example()
     y = example.target(100)
