@@ -1,5 +1,6 @@
 """Numerics of every registered method (issue 12): a warm-up from ``b = 0`` against AdamW,
-rank-deficient factors, the one-example regression from ``b = 0`` and float16 parameters.
+rank-deficient factors, the one-example regression from ``b = 0`` and float16 and bfloat16
+parameters.
 
 Each method is compiled twice: once for the warm-up toy, once for a tree of independent pairs
 holding the hard starts side by side (the methods act pair by pair; only LoRA-RITE's global
@@ -67,12 +68,13 @@ def test_warmup_from_zero_b_within_100x_of_adamw(method: Method):
 
 M, N, R = 16, 12, 4
 STEPS = 100
-HARD_STARTS = ("rank_a", "rank_b", "rank_both", "one_example", "float16")
+HARD_STARTS = ("rank_a", "rank_b", "rank_both", "one_example", "float16", "bfloat16")
+LOW_PRECISION = ("float16", "bfloat16")
 
 
 def _hard_params() -> dict:
     """Independent pairs: ``a`` of rank r−2 (duplicated columns), ``b`` of rank 1, both; the
-    one-example regression and a float16 pair, the last two from ``b = 0``."""
+    one-example regression, a float16 and a bfloat16 pair, the last three from ``b = 0``."""
     k_a, k_b, k_x, k_y = jax.random.split(jax.random.key(3), 4)
     a = jax.random.normal(k_a, (M, R)) / np.sqrt(M)
     b = jax.random.normal(k_b, (R, N))
@@ -84,7 +86,8 @@ def _hard_params() -> dict:
         "rank_b": {"lora_a": a, "lora_b": b_def},
         "rank_both": {"lora_a": a_def, "lora_b": b_def},
         "one_example": {"lora_a": a, "lora_b": zero_b},
-        "float16": {"lora_a": a.astype(jnp.float16), "lora_b": zero_b.astype(jnp.float16)},
+        **{dtype: {"lora_a": a.astype(dtype), "lora_b": zero_b.astype(dtype)}
+           for dtype in LOW_PRECISION},
     }
 
 
@@ -129,12 +132,13 @@ def _histories(tx: optax.GradientTransformation, params: dict, dtype) -> dict:
 
 
 @functools.cache
-def _hard_run(name: str) -> tuple[dict, set]:
-    """Per hard start: the loss history; and the dtypes of the float16 pair's updates."""
+def _hard_run(name: str) -> tuple[dict, dict]:
+    """Per hard start: the loss history; and per low-precision start, its updates' dtypes."""
     tx, params = BY_NAME[name].make(), _hard_params()
     grads = jax.tree.map(jnp.zeros_like, params)
     updates = jax.eval_shape(tx.update, grads, tx.init(params), params)[0]
-    dtypes = {leaf.dtype for leaf in jax.tree.leaves(updates["float16"])}
+    dtypes = {start: {leaf.dtype for leaf in jax.tree.leaves(updates[start])}
+              for start in LOW_PRECISION}
     return _histories(tx, params, jnp.float32), dtypes
 
 
@@ -156,13 +160,13 @@ def test_hard_start_finite_and_loss_down(method: Method, start: str):
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
 def test_hard_starts_in_float64_finite_and_loss_down(method: Method):
-    """The same starts (but float16) in float64, where no float32 rounding floor damps a
+    """The same starts (but float16 and bfloat16) in float64, where no float32 rounding floor damps a
     near-singular Gram: lora_pro_adamw, whose map inverts the Grams against Adam's unit-scale
     output, went to 1.3e3 times the start loss from the rank_both start before its eigenvalue
     floor."""
     with jax.enable_x64(True):
         params = {name: jax.tree.map(lambda x: x.astype(jnp.float64), pair)
-                  for name, pair in _hard_params().items() if name != "float16"}
+                  for name, pair in _hard_params().items() if name not in LOW_PRECISION}
         histories = _histories(method.make(), params, jnp.float64)
     for start, history in histories.items():
         assert np.all(np.isfinite(history)), start
@@ -170,9 +174,9 @@ def test_hard_starts_in_float64_finite_and_loss_down(method: Method):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
-def test_float16_params_give_float16_updates(method: Method):
+def test_low_precision_params_give_updates_of_their_dtype(method: Method):
     _, dtypes = _hard_run(method.name)
-    assert dtypes == {jnp.dtype(jnp.float16)}
+    assert dtypes == {start: {jnp.dtype(start)} for start in LOW_PRECISION}
 
 
 # ------------------------------------------------ more adapter rank than the fit needs
