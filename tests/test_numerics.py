@@ -160,10 +160,10 @@ def test_hard_start_finite_and_loss_down(method: Method, start: str):
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
 def test_hard_starts_in_float64_finite_and_loss_down(method: Method):
-    """The same starts (but float16 and bfloat16) in float64, where no float32 rounding floor damps a
-    near-singular Gram: lora_pro_adamw, whose map inverts the Grams against Adam's unit-scale
-    output, went to 1.3e3 times the start loss from the rank_both start before its eigenvalue
-    floor."""
+    """The same starts (not the float16 and bfloat16 ones) in float64, where no float32 rounding
+    floor damps a near-singular Gram: lora_pro_adamw, whose map inverts the Grams against Adam's
+    unit-scale output, went to 1.3e3 times the start loss from the rank_both start before its
+    eigenvalue floor."""
     with jax.enable_x64(True):
         params = {name: jax.tree.map(lambda x: x.astype(jnp.float64), pair)
                   for name, pair in _hard_params().items() if name not in LOW_PRECISION}
