@@ -135,7 +135,7 @@ def _moment_step(pre, mu, nu, transported, k, hp: _Hyper):
     stored = b1 * mu + (1 - b1) * pre
     m_hat = aligned / (1 - b1**k)
     v_hat = nu if hp.reference_code else nu / (1 - b2**k)
-    return m_hat / (jnp.sqrt(v_hat) + hp.eps), stored, nu
+    return m_hat / (jnp.sqrt(v_hat) + linalg.adam_eps(hp.eps, v_hat.dtype)), stored, nu
 
 
 def _with_decay(direction, param, hp: _Hyper):

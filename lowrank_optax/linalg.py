@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "adam_eps",
     "cholesky",
     "damping",
     "eigh",
@@ -127,6 +128,28 @@ def max_abs_scale(*arrays: jax.Array) -> jax.Array:
 
 def _eps(dtype) -> jax.Array:
     return jnp.asarray(jnp.finfo(dtype).eps, dtype)
+
+
+def adam_eps(eps: float | jax.Array, dtype: jnp.dtype) -> float | jax.Array:
+    """Adam's ``eps`` (added to ``√v̂``) raised to ``√tiny``, the square root of the smallest
+    normal number of ``dtype`` (1.1e-19 in float32 and bfloat16).
+
+    So ``m̂ / (√v̂ + eps)`` is ``0``, not ``0/0``, for an entry whose gradient has been zero at
+    every step (every ``a`` entry from the LoRA start ``b = 0``), and at most about 1 for one
+    whose gradient's square underflowed (``|g| < √tiny``). That matters for ``eps = 0`` (an
+    allowed value) and for ``eps = 1e-8`` that ``optax.inject_hyperparams`` rounded to 0 by
+    casting it to float16 params' dtype. ``tiny`` itself is too close to the edge: under ``jit``,
+    XLA:CPU divided 0 by ``1e-38`` into NaN. A larger ``eps`` is returned unchanged (a Python
+    number stays one: no dtype promotion).
+
+    Args:
+      eps: the user's ``eps`` (a number, or an array under ``optax.inject_hyperparams``).
+      dtype: the dtype the division runs in.
+    """
+    floor = float(jnp.finfo(dtype).tiny) ** 0.5
+    if isinstance(eps, jax.Array):
+        return jnp.maximum(eps.astype(dtype), floor)
+    return max(float(eps), floor)
 
 
 def _floor(s: jax.Array, relative: float = RELATIVE_FLOOR) -> jax.Array:

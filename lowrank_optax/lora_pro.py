@@ -204,7 +204,8 @@ def scale_by_lora_pro_adam(
             t = count.astype(tangent.dtype)
             mu = beta1 * mu + (1 - beta1) * tangent
             nu = beta2 * nu + (1 - beta2) * jnp.square(tangent)
-            direction = (mu / (1 - beta1**t)) / (jnp.sqrt(nu / (1 - beta2**t)) + eps)
+            direction = (mu / (1 - beta1**t)) / (
+                jnp.sqrt(nu / (1 - beta2**t)) + linalg.adam_eps(eps, nu.dtype))
             pseudo_grad_a = scale * direction @ p.b.T
             pseudo_grad_b = scale * p.a.T @ direction
             u = equivalent_factor_grads(p.a, p.b, pseudo_grad_a, pseudo_grad_b, scale, delta,
@@ -318,7 +319,7 @@ def lora_pro_adamw(
         direction = keep_update_dtypes(
             optax.chain(
                 scale_by_lora_pro(scale, delta, normalize_grams=normalize_grams, keys=keys),
-                optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                optax.scale_by_adam(b1=b1, b2=b2, eps=linalg.adam_eps(eps, jnp.float32)),
             )
         )
     return with_state_check("lora_pro_adamw", optax.chain(

@@ -474,7 +474,7 @@ def scale_by_adams(
         mu, m = first_moment(mu, x, p)
         nu = _ema(b2, nu, second_moment_input(x, p))
         x_tilde = _bias_corrected(m, b1, count) / (
-            jnp.sqrt(_bias_corrected(nu, b2, count)) + eps
+            jnp.sqrt(_bias_corrected(nu, b2, count)) + linalg.adam_eps(eps, nu.dtype)
         )
         return horizontal_lift(x_tilde, p, delta, eigenvalue_floor), mu, nu
 
@@ -483,7 +483,7 @@ def scale_by_adams(
         nu = _ema(b2, moments.nu, jax.tree.map(jnp.square, g))
         direction = jax.tree.map(
             lambda m, v: _bias_corrected(m, b1, count)
-            / (jnp.sqrt(_bias_corrected(v, b2, count)) + eps),
+            / (jnp.sqrt(_bias_corrected(v, b2, count)) + linalg.adam_eps(eps, v.dtype)),
             mu, nu,
         )
         return direction, FactorAdamMoments(mu, nu)

@@ -247,7 +247,8 @@ def scale_by_scaled_adam(
         optax.chain(
             scale_by_riemannian_precond(delta, normalize_grams=normalize_grams,
                                         relative_delta=relative_delta, keys=keys),
-            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+            optax.scale_by_adam(b1=b1, b2=b2, eps=linalg.adam_eps(eps, jnp.float32),
+                                mu_dtype=mu_dtype),
         )
     ), keys)
 

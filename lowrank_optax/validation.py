@@ -6,9 +6,9 @@ transformation it returns with :func:`with_state_check`, so that
 
 * an out-of-range hyperparameter raises ``ValueError("<function>: <name>=<value> is outside
   <range>")`` when the optimizer is constructed, not a NaN many steps later. Only static
-  values are checked (Python and NumPy scalars): a ``jax.Array`` or tracer (what
-  ``optax.inject_hyperparams`` passes) and a schedule are left alone, except that an integer
-  hyperparameter must have an integer dtype;
+  values are checked (Python and NumPy scalars, and concrete scalar ``jax.Array`` values,
+  which ``optax.inject_hyperparams`` passes in an eager ``init``): a tracer and a schedule
+  are left alone, except that an integer hyperparameter must have an integer dtype;
 * a state that does not belong to the params (built by ``init`` for other shapes, ranks or batch
   axes, or by another optimizer) raises a ``ValueError`` at the first ``update`` that lists
   every offending state entry with its tree path, its shape and the expected shape. The
@@ -110,8 +110,9 @@ def check_hyperparams(owner: str, **values: Any) -> None:
     """Raises ``ValueError`` for a static hyperparameter outside its range in :data:`RANGES`,
     ``TypeError`` for a non-number or for a boolean option (:data:`FLAGS`) that is not a bool.
 
-    ``None``, schedules (callables), ``jax.Array`` values and tracers are not range-checked
-    (their values may be unknown); an integer hyperparameter given as a floating-point array
+    ``None``, schedules (callables) and tracers are not range-checked (their values are
+    unknown); a concrete scalar ``jax.Array`` is (``optax.inject_hyperparams`` passes one in an
+    eager ``init``). An integer hyperparameter given as a floating-point array
     (``optax.inject_hyperparams`` turns ``2.5`` into one) raises ``TypeError``.
     """
     for name, value in values.items():
@@ -125,6 +126,7 @@ def check_hyperparams(owner: str, **values: Any) -> None:
                 raise TypeError(
                     f"{owner}: {name} must be an integer, got an array of dtype {value.dtype} "
                     f"(under optax.inject_hyperparams pass an int, or static_args=('{name}',))")
+            _check_concrete_array(owner, name, value, interval)
             continue
         if value is None or callable(value):
             continue
@@ -135,6 +137,24 @@ def check_hyperparams(owner: str, **values: Any) -> None:
             raise ValueError(f"{owner}: {name}={number} is not an integer (allowed: {interval})")
         if number not in interval:
             raise ValueError(f"{owner}: {name}={number} is outside {interval}")
+
+
+def _check_concrete_array(owner: str, name: str, value: jax.Array, interval: Interval) -> None:
+    """Range-checks a concrete (not traced) scalar array: what ``optax.inject_hyperparams``
+    passes to the factory in an eager ``init``, after casting float hyperparameters to the
+    params' dtype. That cast is where a bfloat16 model loses ``b2 = 0.999`` (it rounds to 1, and
+    Adam's bias correction to 0/0), so the error names the cast and its remedy."""
+    if isinstance(value, jax.core.Tracer) or value.size != 1:
+        return
+    number = value.reshape(()).item()
+    if number in interval:
+        return
+    message = f"{owner}: {name}={number} is outside {interval}"
+    if value.dtype in (jax.numpy.bfloat16, jax.numpy.float16):
+        message += (f" (a {value.dtype} array: optax.inject_hyperparams casts float "
+                    f"hyperparameters to the params' dtype; pass "
+                    f"hyperparam_dtype=jnp.float32 to keep them exact)")
+    raise ValueError(message)
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:

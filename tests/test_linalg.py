@@ -390,3 +390,19 @@ def test_no_method_update_lowers_to_a_custom_call():
             if "custom_call" in text:
                 found.append(method.name)
         assert not found, found
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_adam_eps_makes_a_zero_moment_a_zero_step_under_jit(dtype):
+    floor = float(jnp.finfo(dtype).tiny) ** 0.5
+    assert linalg.adam_eps(1e-8, dtype) == 1e-8 and isinstance(linalg.adam_eps(1e-8, dtype), float)
+    assert linalg.adam_eps(0.0, dtype) == floor
+    assert float(linalg.adam_eps(jnp.zeros((), jnp.float16), dtype)) == pytest.approx(floor)
+    with jax.enable_x64(dtype == jnp.float64):
+        zeros = jnp.zeros(3, dtype)
+        for eps in (0.0, jnp.zeros((), jnp.float16)):
+            step = jax.jit(lambda m, v, e: m / (jnp.sqrt(v) + linalg.adam_eps(e, dtype)))
+            np.testing.assert_array_equal(np.asarray(step(zeros, zeros, eps), np.float64), 0.0)
+        # a gradient whose square underflows: the step stays of Adam's unit size
+        g = jnp.full(3, floor / 4, dtype)
+        assert np.all(np.abs(np.asarray(step(g, g * g, 0.0), np.float64)) <= 1.0)

@@ -10,6 +10,7 @@ clipping couples them), so each hard start's loss is read off its own pair.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,44 @@ def test_hard_starts_in_float64_finite_and_loss_down(method: Method):
 def test_low_precision_params_give_updates_of_their_dtype(method: Method):
     _, dtypes = _hard_run(method.name)
     assert dtypes == {start: {jnp.dtype(start)} for start in LOW_PRECISION}
+
+
+# ---------------------------------------------- optax.inject_hyperparams and low precision
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_inject_hyperparams_with_float16_params_finite_and_loss_down(method: Method):
+    """``optax.inject_hyperparams`` casts float hyperparameters to the params' dtype: in float16
+    ``eps = 1e-8`` becomes 0, and from ``b = 0`` (every ``a`` entry's gradient zero, so
+    ``m̂ = v̂ = 0``) Adam's ``m̂ / (√v̂ + eps)`` was ``0/0``: NaN at step 0 in ``scaled_adamw``,
+    ``altlora_plus``, ``lora_pro_adamw(full_state=False)`` and ``adams`` with its robust
+    start, before ``linalg.adam_eps``. The same holds for ``eps=0`` passed by the user."""
+    tx = optax.inject_hyperparams(method.factory)(method.learning_rate, **method.kwargs)
+    params = {"float16": _hard_params()["float16"]}
+    history = _histories(tx, params, jnp.float32)["float16"]
+    assert np.all(np.isfinite(history)), f"non-finite from step {np.argmin(np.isfinite(history))}"
+    assert history[-1] < 0.9 * history[0], (history[0], history[-1])
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_inject_hyperparams_with_bfloat16_params_names_the_cast(method: Method):
+    """In bfloat16 ``b2 = 0.999`` rounds to 1 (Adam's bias correction becomes 0/0; optax.adamw
+    itself returns NaN there; SoLoRA's 0.98 survives the cast). An eager ``init`` sees the cast
+    value and names the remedy; ``hyperparam_dtype=jnp.float32`` keeps the hyperparameters
+    exact."""
+    params = {"bfloat16": _hard_params()["bfloat16"]}
+    injected = optax.inject_hyperparams(method.factory)(method.learning_rate, **method.kwargs)
+    b2 = inspect.signature(method.factory).parameters.get("b2")
+    if b2 is not None and float(jnp.asarray(b2.default, jnp.bfloat16)) == 1.0:
+        with pytest.raises(ValueError, match=r"b2=1\.0 is outside \[0, 1\) \(a bfloat16 array: "
+                           r".*hyperparam_dtype=jnp\.float32"):
+            injected.init(params)
+    else:
+        injected.init(params)
+    exact = optax.inject_hyperparams(method.factory, hyperparam_dtype=jnp.float32)
+    state = exact(method.learning_rate, **method.kwargs).init(params)
+    assert all(v.dtype == jnp.float32 for v in state.hyperparams.values()
+               if jnp.issubdtype(v.dtype, jnp.floating))
 
 
 # ------------------------------------------------ more adapter rank than the fit needs

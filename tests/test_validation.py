@@ -157,9 +157,19 @@ def test_message_example_and_numpy_scalars():
         lro.sylvester_lift(optax.adam)
 
 
-def test_arrays_tracers_and_schedules_are_not_checked():
-    # Not inspected: a jax.Array (even out of range), a schedule, and traced values.
-    lro.scaled_adamw(jnp.asarray(-1.0), b1=jnp.asarray(1.5))
+def test_concrete_arrays_are_checked():
+    # What optax.inject_hyperparams passes to the factory in an eager init.
+    with pytest.raises(ValueError, match=re.escape("scaled_adamw: learning_rate=-1.0 is outside")):
+        lro.scaled_adamw(jnp.asarray(-1.0))
+    with pytest.raises(ValueError, match=r"^lracs: b1=1\.5 is outside \[0, 1\)$"):
+        lro.lracs(0.1, b1=jnp.asarray(1.5, jnp.float32))
+    with pytest.raises(ValueError, match=r"b2=1\.0 is outside \[0, 1\) \(a float16 array"):
+        lro.lora_rite(0.1, b2=jnp.asarray(1.0, jnp.float16))
+    lro.scaled_adamw(jnp.asarray(0.1), b2=jnp.asarray(0.999, jnp.float16))
+
+
+def test_tracers_and_schedules_are_not_checked():
+    # Not inspected: a schedule, and traced values (unknown until the update runs).
     lro.scaled_adamw(optax.linear_schedule(0.0, -1.0, 10))
     params = {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}
 

@@ -193,8 +193,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     model = build_lora_model(args.family, args.layers)
-    # inject_hyperparams: PeftTrainer logs the learning rate it finds in the optimizer state
-    tx = optax.inject_hyperparams(OPTIMIZERS[args.optimizer])(args.learning_rate)
+    # inject_hyperparams: PeftTrainer logs the learning rate it finds in the optimizer state.
+    # float32 hyperparameters: by default they take the params' dtype, and in a bfloat16 model
+    # b2 = 0.999 would round to 1.
+    tx = optax.inject_hyperparams(OPTIMIZERS[args.optimizer], hyperparam_dtype=jnp.float32)(
+        args.learning_rate)
     loss = nnx.jit(lambda m, x: peft_trainer._default_loss_fn(m, **model_inputs(x)))
     probe = jnp.asarray(next(batches()).input_tokens)
     before = float(loss(model, probe))
