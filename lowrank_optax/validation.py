@@ -143,8 +143,10 @@ def _check_concrete_array(owner: str, name: str, value: jax.Array, interval: Int
     """Range-checks a concrete (not traced) scalar array: what ``optax.inject_hyperparams``
     passes to the factory in an eager ``init``, after casting float hyperparameters to the
     params' dtype. That cast is where a bfloat16 model loses ``b2 = 0.999`` (it rounds to 1, and
-    Adam's bias correction to 0/0), so the error names the cast and its remedy."""
-    if isinstance(value, jax.core.Tracer) or value.size != 1:
+    Adam's bias correction to 0/0), so the error names the cast and its remedy. An array with
+    shards on other processes is left alone (reading it would need every process)."""
+    if (isinstance(value, jax.core.Tracer) or value.size != 1
+            or not value.is_fully_addressable):
         return
     number = value.reshape(()).item()
     if number in interval:
