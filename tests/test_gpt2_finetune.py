@@ -104,6 +104,43 @@ def test_recipe_schedule_and_table_cells(finetune):
     assert finetune.mean_sd([1.23456], 2) == "1.23" and finetune.mean_sd([], 2) == "n/a"
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "0"], "argument --steps: must be ≥ 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be ≥ 1, got 0"),
+        (["--rank", "0"], "argument --rank: must be ≥ 1, got 0"),
+        (["--seeds", "0"], "argument --seeds: must be ≥ 1, got 0"),
+        (["--lr-scale", "-1"], "argument --lr-scale: must be > 0.0, got -1"),
+        (["--alpha", "0"], "argument --alpha: must be > 0.0, got 0"),
+        (["--eval-size", "-2"], "argument --eval-size: must be ≥ -1, got -2"),
+        (["--max-len", "x"], "argument --max-len: must be an integer, got 'x'"),
+    ],
+)
+def test_out_of_range_flags_are_usage_errors(finetune, capsys, flags, message):
+    """Before: --batch-size 0 and --seeds 0 ended in a ZeroDivisionError / IndexError
+    traceback, --lr-scale -1 trained every optimizer with negative rates."""
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_learning_rates_in_optimizers_must_be_positive_numbers(finetune):
+    assert finetune.parse_optimizers("adamw=0.5,lora_rite", 2.0) == {
+        "adamw": 0.5, "lora_rite": 2.0 * finetune.OPTIMIZERS["lora_rite"].learning_rate}
+    for spec, message in (("adamw=-1", "must be > 0.0, got -1"),
+                          ("adamw=abc", "must be a number, got 'abc'")):
+        with pytest.raises(SystemExit, match=f"--optimizers {spec}: the learning rate {message}"):
+            finetune.parse_optimizers(spec, 1.0)
+
+
+def test_rank_above_the_model_width_is_refused(finetune):
+    args = finetune.parse_args(["--rank", "129"])
+    with pytest.raises(SystemExit, match="--rank 129 is above the model width 128"):
+        finetune.lora_model(args)
+
+
 MESH_SCRIPT = """
 import json, sys
 import jax

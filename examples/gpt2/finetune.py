@@ -113,8 +113,28 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 DEFAULT_OPTIMIZERS = ("adamw", "scaled_adamw", "lora_rite", "lora_pro_adamw", "solora_adamw")
 
 
+def _bounded(kind: type, low: float, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, refused unless ``> low`` (``strict``) or ``≥ low``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '≥'} {low}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT, NONNEGATIVE_INT = _bounded(int, 1), _bounded(int, 0)
+POSITIVE_FLOAT = _bounded(float, 0.0, strict=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (``--help`` lists them)."""
+    """Command-line flags (``--help`` lists them); out-of-range values are usage errors."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=HERE / "checkpoint", help="HF GPT-2 dir")
     p.add_argument("--data", type=Path, default=HERE / "data", help="E2E csv or txt files")
@@ -125,31 +145,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of NAME or NAME=LR (overrides the table lr), or 'all'; "
         "default: " + ",".join(DEFAULT_OPTIMIZERS),
     )
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=128, help="tokens per training sequence")
-    p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every table lr")
+    p.add_argument("--rank", type=POSITIVE_INT, default=4)
+    p.add_argument("--alpha", type=POSITIVE_FLOAT, default=32.0)
+    p.add_argument("--steps", type=POSITIVE_INT, default=STEPS)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    p.add_argument("--max-len", type=POSITIVE_INT, default=128, help="tokens per training sequence")
+    p.add_argument("--lr-scale", type=POSITIVE_FLOAT, default=1.0, help="multiplies every table lr")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, ... per optimizer")
+    p.add_argument(
+        "--seeds", type=POSITIVE_INT, default=3, help="seeds seed, seed+1, ... per optimizer"
+    )
     p.add_argument("--mesh", default="", help="DATAxMODEL device mesh, e.g. 4x2")
     p.add_argument("--eval-split", choices=["dev", "test"], default="test")
     p.add_argument(
-        "--eval-size", type=int, default=50, help="first N MRs; -1 = all; 0 = no evaluation"
+        "--eval-size",
+        type=_bounded(int, -1),
+        default=50,
+        help="first N MRs; -1 = all; 0 = no evaluation",
     )
     p.add_argument(
-        "--dev-size", type=int, default=DEV_SIZE, help="dev MRs (first reference) for dev loss"
+        "--dev-size",
+        type=POSITIVE_INT,
+        default=DEV_SIZE,
+        help="dev MRs (first reference) for dev loss",
     )
-    p.add_argument("--dev-every", type=int, default=10, help="dev loss every N steps")
-    p.add_argument("--beams", type=int, default=1, help="1 = greedy; the papers use 10")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dev-every", type=POSITIVE_INT, default=10, help="dev loss every N steps")
+    p.add_argument("--beams", type=POSITIVE_INT, default=1, help="1 = greedy; the papers use 10")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs java)")
     p.add_argument("--resume", action="store_true", help="continue from --out checkpoints")
     p.add_argument(
         "--jax-cache", default="runs/jax_cache", help="persistent compilation cache ('' = off)"
     )
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument(
+        "--save-every", type=NONNEGATIVE_INT, default=0, help="also checkpoint every N steps"
+    )
     return p.parse_args(argv)
 
 
@@ -177,7 +207,10 @@ def parse_optimizers(spec: str, lr_scale: float) -> dict[str, float]:
             raise SystemExit(
                 f"unknown or unavailable optimizer {name!r}; have {available_optimizers()}"
             )
-        chosen[name] = float(lr) if lr else OPTIMIZERS[name].learning_rate * lr_scale
+        try:
+            chosen[name] = POSITIVE_FLOAT(lr) if lr else OPTIMIZERS[name].learning_rate * lr_scale
+        except argparse.ArgumentTypeError as err:
+            raise SystemExit(f"--optimizers {item}: the learning rate {err}") from None
     return chosen
 
 
@@ -279,6 +312,10 @@ def lora_model(
     mesh = make_mesh(args.mesh)
     model = load_gpt2(args.checkpoint, rngs=nnx.Rngs(seed))
     d = model.config.n_embd
+    if args.rank > d:
+        raise SystemExit(
+            f"--rank {args.rank} is above the model width {d} (the q and v slices are {d} × {d})"
+        )
     targets = {r"h\.\d+\.attn\.c_attn": {"out_slices": [(0, d), (2 * d, 3 * d)]}}
     sharding = {}
     if mesh is not None:
