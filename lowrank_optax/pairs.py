@@ -638,9 +638,12 @@ def _validate_pair(path: str, a: Any, b: Any, dims: PairDimensionNumbers | None)
     except ValueError as err:
         raise ValueError(f"{where}: {err}{_transposed_hint(sa, sb)}") from None
     if layout.r > min(layout.m, layout.n):
-        hint = _transposed_hint(sa, sb) or (
-            ". A rank above min(m, n) adds nothing a rank of min(m, n) cannot express; use a "
-            "smaller rank for this layer, or route it to another optimizer with optax.partition")
+        transposed = _transposed_hint(sa, sb)
+        over_rank = ("a rank above min(m, n) adds nothing a rank of min(m, n) cannot express; use "
+                     "a smaller rank for this layer, or route it to another optimizer with "
+                     "optax.partition")
+        hint = (f"{transposed}. If they are not transposed, {over_rank}" if transposed
+                else f". {over_rank[0].upper()}{over_rank[1:]}")
         raise ValueError(f"{where}: rank r={layout.r} exceeds min(m, n)="
                          f"{min(layout.m, layout.n)}{hint}")
     for name, x in (("a", a), ("b", b)):

@@ -36,6 +36,10 @@ def test_finds_pairs_in_dicts_pairs_and_custom_keys():
          "leading batch axes differ ((4,) vs (3,))"),
         ({"x": {"lora_a": jnp.ones((2, 4)), "lora_b": jnp.ones((4, 3))}},
          "rank r=4 exceeds min(m, n)=2"),
+        # square and above the rank: PyTorch's orientation, or an adapter of too high a rank
+        ({"x": {"lora_a": jnp.ones((2, 8)), "lora_b": jnp.ones((8, 2))}},
+         "pass a.T and b.T (swap the last two axes). If they are not transposed, a rank above "
+         "min(m, n) adds nothing"),
         ({"x": {"lora_a": jnp.ones((16, 4)), "lora_b": jnp.ones((4, 1))}},
          "exceeds min(m, n)=1. A rank above min(m, n) adds nothing a rank of min(m, n) cannot "
          "express; use a smaller rank for this layer, or route it to another optimizer with "
