@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Sweep; returns ``{optimizer: {rate: dev loss}}``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--optimizers", default="all", help="comma list; default: every one")
-    p.add_argument("--steps", type=int, default=finetune.STEPS)
+    p.add_argument("--steps", type=finetune.POSITIVE_INT, default=finetune.STEPS)
     p.add_argument("--seed", type=int, default=10)
-    p.add_argument("--max-points", type=int, default=5)
+    p.add_argument("--max-points", type=finetune.POSITIVE_INT, default=5)
     p.add_argument("--results", type=Path, default=HERE / "sweep.json")
     p.add_argument("--out", type=Path, default=Path("runs/gpt2_sweep"))
     p.add_argument("--jax-cache", default="runs/jax_cache")
