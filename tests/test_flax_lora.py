@@ -190,6 +190,16 @@ def test_init_argument_errors():
         LoRALinear(_linear(), R, alpha=1.0, init="gradient", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(_linear(), 7, alpha=1.0, init="pissa", rngs=nnx.Rngs(0))
+    # alpha = 0 divided by zero in the SVD inits (factor 1/scale); dropout 1 drops everything
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got 0"):
+        LoRALinear(_linear(), R, alpha=0.0, init="pissa", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got nan"):
+        LoRALinear(_linear(), R, alpha=float("nan"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        LoRALinear(_linear(), R, alpha=1.0, dropout=1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="gradient_step must be a finite number > 0, got -1"):
+        LoRALinear(_linear(), R, alpha=1.0, init="gradient", gradient=jnp.ones((IN, OUT)),
+                   gradient_step=-1.0, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize(("slices", "mode"), [(None, True), (SLICES, "full"),

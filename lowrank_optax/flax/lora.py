@@ -115,15 +115,15 @@ class LoRALinear(nnx.Module):
     Args:
       base: the layer to adapt; its kernel is modified in place by the SVD inits.
       rank: ``r``.
-      alpha: LoRA alpha; ``scale = alpha / r`` (``alpha / √r`` with ``rslora``).
+      alpha: LoRA alpha ``> 0``; ``scale = alpha / r`` (``alpha / √r`` with ``rslora``).
       rslora: rank-stabilised scale (Kalajdzievski 2023).
-      dropout: dropout rate on the LoRA branch input (``nnx.Dropout``; ``deterministic`` follows
-        nnx: the module attribute, set by ``model.eval()`` / ``model.train()``, or the call
-        argument). The frozen path sees the undropped input.
+      dropout: dropout rate in ``[0, 1)`` on the LoRA branch input (``nnx.Dropout``;
+        ``deterministic`` follows nnx: the module attribute, set by ``model.eval()`` /
+        ``model.train()``, or the call argument). The frozen path sees the undropped input.
       init: one of :data:`INITS`.
       gradient: ``G``, the ``(in, out)`` gradient of the loss w.r.t. ``W0``, for
         ``init="gradient"``.
-      gradient_step: ``γ`` of ``init="gradient"`` (default 1.0: the gradient is taken at face
+      gradient_step: ``γ > 0`` of ``init="gradient"`` (default 1.0: the gradient is taken at face
         value; choose it like a full-fine-tuning learning rate).
       out_slices: ``[(start, stop), ...]`` column slices of a fused projection that get their
         own pair (e.g. q and v of GPT-2's ``c_attn``: ``[(0, d), (2d, 3d)]``); all of one
@@ -167,6 +167,12 @@ class LoRALinear(nnx.Module):
             raise ValueError('pass gradient=G exactly when init="gradient"')
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if not alpha > 0 or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not gradient_step > 0 or not math.isfinite(gradient_step):
+            raise ValueError(f"gradient_step must be a finite number > 0, got {gradient_step}")
         kernel = base.kernel[...]
         if kernel.ndim != 2:
             raise ValueError(f"base.kernel must be (in, out), got shape {kernel.shape}")
