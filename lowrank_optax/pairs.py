@@ -639,11 +639,9 @@ def _validate_pair(path: str, a: Any, b: Any, dims: PairDimensionNumbers | None)
         raise ValueError(f"{where}: {err}{_transposed_hint(sa, sb)}") from None
     if layout.r > min(layout.m, layout.n):
         transposed = _transposed_hint(sa, sb)
-        over_rank = ("a rank above min(m, n) adds nothing a rank of min(m, n) cannot express; use "
-                     "a smaller rank for this layer, or route it to another optimizer with "
-                     "optax.partition")
-        hint = (f"{transposed}. If they are not transposed, {over_rank}" if transposed
-                else f". {over_rank[0].upper()}{over_rank[1:]}")
+        hint = (f"{transposed}. If they are not transposed, a" if transposed else ". A") + (
+            " rank above min(m, n) adds nothing a rank of min(m, n) cannot express; use a smaller "
+            "rank for this layer, or route it to another optimizer with optax.partition")
         raise ValueError(f"{where}: rank r={layout.r} exceeds min(m, n)="
                          f"{min(layout.m, layout.n)}{hint}")
     for name, x in (("a", a), ("b", b)):

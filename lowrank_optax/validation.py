@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -126,37 +127,38 @@ def check_hyperparams(owner: str, **values: Any) -> None:
                 raise TypeError(
                     f"{owner}: {name} must be an integer, got an array of dtype {value.dtype} "
                     f"(under optax.inject_hyperparams pass an int, or static_args=('{name}',))")
-            _check_concrete_array(owner, name, value, interval)
+            if not _concrete_scalar(value):
+                continue
+            number = value.reshape(()).item()
+        elif value is None or callable(value):
             continue
-        if value is None or callable(value):
-            continue
-        if not _static_number(value):
+        elif not _static_number(value):
             raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
-        number = value.item() if isinstance(value, np.ndarray) else value
-        if interval.integer and not isinstance(number, (int, np.integer)):
-            raise ValueError(f"{owner}: {name}={number} is not an integer (allowed: {interval})")
+        else:
+            number = value.item() if isinstance(value, np.ndarray) else value
+            if interval.integer and not isinstance(number, (int, np.integer)):
+                raise ValueError(
+                    f"{owner}: {name}={number} is not an integer (allowed: {interval})")
         if number not in interval:
-            raise ValueError(f"{owner}: {name}={number} is outside {interval}")
+            raise ValueError(f"{owner}: {name}={number} is outside {interval}{_cast_hint(value)}")
 
 
-def _check_concrete_array(owner: str, name: str, value: jax.Array, interval: Interval) -> None:
-    """Range-checks a concrete (not traced) scalar array: what ``optax.inject_hyperparams``
-    passes to the factory in an eager ``init``, after casting float hyperparameters to the
-    params' dtype. That cast is where a bfloat16 model loses ``b2 = 0.999`` (it rounds to 1, and
-    Adam's bias correction to 0/0), so the error names the cast and its remedy. An array with
-    shards on other processes is left alone (reading it would need every process)."""
-    if (isinstance(value, jax.core.Tracer) or value.size != 1
-            or not value.is_fully_addressable):
-        return
-    number = value.reshape(()).item()
-    if number in interval:
-        return
-    message = f"{owner}: {name}={number} is outside {interval}"
-    if value.dtype in (jax.numpy.bfloat16, jax.numpy.float16):
-        message += (f" (a {value.dtype} array: optax.inject_hyperparams casts float "
-                    f"hyperparameters to the params' dtype; pass "
-                    f"hyperparam_dtype=jnp.float32 to keep them exact)")
-    raise ValueError(message)
+def _concrete_scalar(value: jax.Array) -> bool:
+    """Whether ``value`` is a scalar whose number this process can read: what
+    ``optax.inject_hyperparams`` passes to the factory in an eager ``init`` (not a tracer, and
+    not an array with shards on other processes, which would need every process to read)."""
+    return (not isinstance(value, jax.core.Tracer) and value.size == 1
+            and value.is_fully_addressable)
+
+
+def _cast_hint(value: Any) -> str:
+    """For a float16 / bfloat16 array: ``optax.inject_hyperparams`` cast it to the params' dtype,
+    which is where a bfloat16 model loses ``b2 = 0.999`` (it rounds to 1, and Adam's bias
+    correction to 0/0). Names the cast and its remedy; empty for anything else."""
+    if getattr(value, "dtype", None) not in (jnp.bfloat16, jnp.float16):
+        return ""
+    return (f" (a {value.dtype} array: optax.inject_hyperparams casts float hyperparameters to "
+            f"the params' dtype; pass hyperparam_dtype=jnp.float32 to keep them exact)")
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:
